@@ -1,0 +1,3 @@
+from linernotes.cli import run
+
+run()

@@ -1,0 +1,1 @@
+"""Attribution methods: each produces one score per training track, in the same Parquet form."""

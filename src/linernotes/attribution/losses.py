@@ -1,0 +1,123 @@
+"""Per-track losses at fixed draws over a training set: batched, sharded on disk, resumable.
+
+This is the scoring engine's hot loop. The same draws (AbC's fixed timesteps, noise keyed by
+track id) are used before and after unlearning, so score = after - before is a paired difference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from linernotes import distributed
+from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
+from linernotes.config import Settings, require
+from linernotes.data.dataset import collate
+from linernotes.errors import LinernotesError
+from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings(Settings):
+    """How each training track's loss is measured (identically before and after unlearning)."""
+
+    timesteps: int = 20  # fixed timesteps per track (AbC: 20 at stride 50 of 1000)
+    stride: int = 50
+    seed: int = 0
+    mask_train: bool = False  # M_L: mask each track's padding in its scoring loss
+    batch_size: int = 16  # tracks per batch (x timesteps rows per forward)
+    shard_size: int = 512  # tracks per shard on disk
+
+    def validate(self) -> None:
+        require(self.timesteps >= 1, "timesteps must be >= 1.")
+        require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
+        require(self.batch_size >= 1 and self.shard_size >= 1,
+                "batch and shard sizes must be >= 1.")
+
+    def draw_key(self) -> dict:
+        return {"timesteps": self.timesteps, "stride": self.stride, "seed": self.seed,
+                "mask_train": self.mask_train}
+
+
+@torch.inference_mode()
+def track_losses(
+    task: Task, model: nn.Module, dataset: Dataset, settings: ScoreSettings
+) -> np.ndarray:
+    """Loss of every track of `dataset` averaged over the fixed draws; (len(dataset),) float64."""
+    ts = fixed_timesteps(settings.timesteps, settings.stride)
+    out = np.empty(len(dataset), dtype=np.float64)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
+    pos = 0
+    for batch in loader:
+        t, noise = draw_noise(batch["track_id"], range(settings.timesteps), task.latent_shape,
+                              seed=settings.seed, timesteps=ts)
+        losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
+        out[pos : pos + len(losses)] = losses.double().numpy()
+        pos += len(losses)
+    return out
+
+
+def sharded_losses(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    track_ids: list[str],
+    settings: ScoreSettings,
+    folder: str | Path,
+    provenance: dict,
+    desc: str = "losses",
+    progress: bool = True,
+) -> np.ndarray:
+    """`track_losses`, written shard by shard into `folder`; a rerun reuses finished shards.
+
+    `provenance` (run hash, settings, ...) is recorded and checked: a folder made for other
+    inputs is refused rather than silently mixed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"provenance": provenance, "draws": settings.draw_key(), "n": len(track_ids),
+            "tracks": hash_json(track_ids), "shard_size": settings.shard_size}
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        old = read_json(meta_path)
+        if old != json_roundtrip(meta):
+            raise LinernotesError(
+                f"{folder} holds losses made from other inputs ({old.get('provenance')}); "
+                "delete it or choose another output folder."
+            )
+    elif distributed.rank() == 0:
+        write_json(meta_path, meta)
+    distributed.barrier()
+    n_shards = (len(track_ids) + settings.shard_size - 1) // settings.shard_size
+    bounds = [(s * settings.shard_size, min(len(track_ids), (s + 1) * settings.shard_size))
+              for s in range(n_shards)]
+    mine = range(distributed.rank(), n_shards, distributed.world_size())
+    bar = tqdm(total=sum(hi - lo for s in mine for lo, hi in [bounds[s]]), desc=desc,
+               disable=not progress or distributed.rank() != 0)
+    for s in mine:
+        lo, hi = bounds[s]
+        path = folder / f"shard-{s:05d}.npy"
+        if not path.exists():
+            part = track_losses(task, model, Subset(dataset, range(lo, hi)), settings)
+            if not np.isfinite(part).all():
+                bad = [track_ids[lo + i] for i in np.flatnonzero(~np.isfinite(part))[:5]]
+                raise LinernotesError(f"Non-finite loss for track(s) {bad}: check their audio.")
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, part)
+        bar.update(hi - lo)
+    bar.close()
+    distributed.barrier()
+    parts = [np.load(folder / f"shard-{s:05d}.npy") for s in range(n_shards)]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def json_roundtrip(obj: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))

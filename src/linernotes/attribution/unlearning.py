@@ -1,0 +1,83 @@
+"""Attribution by unlearning: unlearn the query, then each training track's loss increase.
+
+score(z_i) = L(z_i; θ_unlearned) − L(z_i; θ0), both at the same fixed draws. The loss at θ0 is
+computed once per (run, draws) and cached; several queries share it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+from torch.utils.data import Dataset
+
+from linernotes.artifacts import hash_json
+from linernotes.attribution.losses import ScoreSettings, sharded_losses
+from linernotes.attribution.query import Query
+from linernotes.attribution.scores import score_table, write_scores
+from linernotes.curvature import Fisher
+from linernotes.task import Task
+from linernotes.unlearning.newton import UnlearnSettings, applied, unlearn_query
+
+
+class UnlearningAttributor:
+    """Scores training tracks for queries by unlearning; owns the cached baseline losses."""
+
+    method = "unlearning"
+
+    def __init__(
+        self, task: Task, model: nn.Module, run_hash: str, manifest: pd.DataFrame,
+        train: Dataset, train_ids: list[str], fisher: Fisher, cache_dir: str | Path,
+        score: ScoreSettings | None = None, progress: bool = True,
+    ):
+        self.task, self.model, self.run_hash = task, model, run_hash
+        self.manifest, self.train, self.train_ids = manifest, train, train_ids
+        self.fisher, self.cache_dir = fisher, Path(cache_dir)
+        self.score = score or ScoreSettings()
+        self.progress = progress
+        self._before: np.ndarray | None = None
+
+    def _provenance(self) -> dict:
+        return {"run": self.run_hash, "tracks": hash_json(self.train_ids)}
+
+    def baseline(self) -> np.ndarray:
+        """Every training track's loss at θ0 (computed once, then read from the cache)."""
+        if self._before is None:
+            key = hash_json({**self._provenance(), **self.score.draw_key()})
+            self._before = sharded_losses(
+                self.task, self.model, self.train, self.train_ids, self.score,
+                self.cache_dir / f"baseline-{key}", self._provenance(), "baseline", self.progress,
+            )
+        return self._before
+
+    def attribute(
+        self, query: Query, settings: UnlearnSettings, out_dir: str | Path
+    ) -> pd.DataFrame:
+        """Unlearn `query`, score every training track, write `<out_dir>/<query>.parquet`."""
+        out_dir = Path(out_dir)
+        before = self.baseline()
+        t0 = time.perf_counter()
+        delta, record = unlearn_query(self.task, self.model, query, self.fisher, settings,
+                                      n_train=len(self.train_ids))
+        t1 = time.perf_counter()
+        key = hash_json([settings.to_dict(), record["alpha"], self.score.draw_key()])
+        work = out_dir / ".work" / f"{query.key}-{key}"
+        with applied(self.model, delta):
+            after = sharded_losses(
+                self.task, self.model, self.train, self.train_ids, self.score, work,
+                {**self._provenance(), "query": query.key, "unlearn": settings.to_dict()},
+                f"score {query.key}", self.progress,
+            )
+        t2 = time.perf_counter()
+        df = score_table(query.key, self.method, self.train_ids, after - before, self.manifest,
+                         loss_before=before, loss_after=after)
+        record.update({
+            "query": query.key, "caption": query.caption, "source": query.source,
+            "method": self.method, "run": self.run_hash, "unlearn": settings.to_dict(),
+            "score": self.score.to_dict(), "seconds_unlearn": t1 - t0, "seconds_score": t2 - t1,
+        })
+        write_scores(df, out_dir / f"{query.key}.parquet", record)
+        return df

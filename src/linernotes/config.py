@@ -1,0 +1,63 @@
+"""Settings as dataclasses: validated on creation, serialised for provenance, hashed for caches."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomllib
+
+from linernotes.artifacts import hash_json
+from linernotes.errors import LinernotesError
+
+S = TypeVar("S", bound="Settings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base class: subclasses declare fields with defaults and may override `validate`."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise LinernotesError for an invalid combination of values."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[S], data: dict[str, Any]) -> S:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise LinernotesError(
+                f"Unknown {cls.__name__} setting(s): {', '.join(unknown)}. "
+                f"Known: {', '.join(sorted(names))}."
+            )
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls: type[S], path: str | Path, section: str | None = None) -> S:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise LinernotesError(f"Cannot read settings from {path}: {exc}") from exc
+        if section is not None:
+            data = data.get(section, {})
+        return cls.from_dict(data)
+
+    def replace(self: S, **changes: Any) -> S:
+        return dataclasses.replace(self, **changes)
+
+    def hash(self) -> str:
+        return hash_json({"class": type(self).__name__, **self.to_dict()})
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise LinernotesError(message) unless condition holds."""
+    if not condition:
+        raise LinernotesError(message)

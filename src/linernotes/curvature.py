@@ -1,0 +1,161 @@
+"""Diagonal empirical Fisher: mean over (sample, draw) of squared per-sample loss gradients.
+
+Stored once per model (safetensors, with provenance) and reused by every query and opt-out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from linernotes import distributed
+from linernotes.artifacts import atomic_path
+from linernotes.config import Settings, require
+from linernotes.data.dataset import collate
+from linernotes.errors import LinernotesError
+from linernotes.task import PARAM_GROUPS, Task, draw_noise
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherSettings(Settings):
+    """Which samples and draws estimate the Fisher, over which parameter group."""
+
+    group: str = "transformer"
+    samples: int = 0  # training samples used; 0 = all of them
+    draws: int = 2  # random (timestep, noise) draws per sample
+    seed: int = 1234
+    mask_padding: bool = False  # the loss as the model was trained (padding included)
+    batch_size: int = 8  # micro-batch for the per-sample gradients
+
+    def validate(self) -> None:
+        require(self.group in PARAM_GROUPS, f"Unknown parameter group {self.group!r}; "
+                f"choose one of {', '.join(PARAM_GROUPS)}.")
+        require(self.samples >= 0 and self.draws >= 1, "samples >= 0 and draws >= 1 required.")
+
+
+@dataclasses.dataclass
+class Fisher:
+    """Diagonal Fisher per parameter name, with what it was made from."""
+
+    diag: dict[str, torch.Tensor]
+    settings: FisherSettings
+    run_hash: str
+    n_examples: int
+
+    def damped_inverse(self, damping: float) -> tuple[dict[str, torch.Tensor], dict]:
+        """(F + λI)⁻¹ with λ = damping × mean(F); reports zero entries and the λ used."""
+        total = sum(float(f.sum()) for f in self.diag.values())
+        count = sum(f.numel() for f in self.diag.values())
+        zeros = sum(int((f == 0).sum()) for f in self.diag.values())
+        mean = total / max(count, 1)
+        lam = damping * mean
+        if lam <= 0 and zeros:
+            lam = 1e-8 * mean if mean > 0 else 1e-12
+        if mean <= 0:
+            raise LinernotesError(
+                "The Fisher is zero everywhere: the parameter group gets no gradient. "
+                "Recompute it with another --group."
+            )
+        inv = {n: 1.0 / (f + lam) for n, f in self.diag.items()}
+        return inv, {"lambda": lam, "fisher_mean": mean, "zero_entries": zeros}
+
+    def save(self, path: str | Path) -> None:
+        meta = {
+            "settings": json.dumps(self.settings.to_dict()),
+            "run_hash": self.run_hash,
+            "n_examples": str(self.n_examples),
+        }
+        with atomic_path(path) as tmp:
+            save_file({n: t.contiguous() for n, t in self.diag.items()}, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, run_hash: str | None = None) -> Fisher:
+        path = Path(path)
+        if not path.exists():
+            raise LinernotesError(f"No Fisher at {path}; compute it with `linernotes fisher`.")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            diag = load_file(str(path))
+        except Exception as exc:
+            raise LinernotesError(f"{path} is not a readable Fisher file ({exc}); "
+                                  "delete it and recompute.") from exc
+        if run_hash is not None and meta.get("run_hash") != run_hash:
+            raise LinernotesError(
+                f"The Fisher {path} was computed for run {meta.get('run_hash')}, not for this run "
+                f"({run_hash}). Recompute it with `linernotes fisher --run ...`."
+            )
+        settings = FisherSettings.from_dict(json.loads(meta["settings"]))
+        return cls(diag, settings, meta["run_hash"], int(meta["n_examples"]))
+
+
+def compute_fisher(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    settings: FisherSettings,
+    run_hash: str,
+    progress: bool = True,
+) -> Fisher:
+    """Empirical diagonal Fisher of `settings.group` over `dataset` (random draws, keyed by id).
+
+    Per-sample gradients come from micro-batches of one (sample, draw) each, accumulated as
+    squares; the draws are common random numbers, so the estimate is reproducible.
+    """
+    params = task.parameters(model, settings.group)
+    if not params:
+        raise LinernotesError(f"Parameter group {settings.group!r} is empty for this model.")
+    n = len(dataset) if settings.samples == 0 else min(settings.samples, len(dataset))
+    g = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
+    order = order[distributed.rank() :: distributed.world_size()]  # this rank's share
+    sub = torch.utils.data.Subset(dataset, order)
+    loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
+    acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    was_training = model.training
+    model.eval()
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in params)
+    count = 0
+    bar = tqdm(total=len(order) * settings.draws, desc="fisher",
+               disable=not progress or distributed.rank() != 0)
+    try:
+        for batch in loader:
+            t, noise = draw_noise(batch["track_id"], range(settings.draws),
+                                  task.latent_shape, seed=settings.seed)
+            for i in range(len(batch["track_id"])):
+                one = {k: (v[i : i + 1] if isinstance(v, (torch.Tensor, list)) else v)
+                       for k, v in batch.items()}
+                for d in range(settings.draws):
+                    loss = task.per_sample_loss(model, one, t[i, d : d + 1], noise[i, d : d + 1],
+                                                settings.mask_padding)
+                    if not torch.isfinite(loss).all():
+                        raise LinernotesError(
+                            f"Non-finite loss for track {batch['track_id'][i]} (draw {d}) while "
+                            "computing the Fisher: the model or its features are broken."
+                        )
+                    grads = torch.autograd.grad(loss.sum(), list(params.values()))
+                    for (name, _), gr in zip(params.items(), grads):
+                        acc[name] += gr.double() ** 2
+                    count += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires[name])
+        model.train(was_training)
+    for a in acc.values():
+        distributed.all_reduce_sum(a)
+    count = int(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)))
+    diag = {name: (a / count).float() for name, a in acc.items()}
+    return Fisher(diag, settings, run_hash, count)

@@ -1,0 +1,1 @@
+"""Manifest, audio I/O, features with padding masks, and the torch dataset."""

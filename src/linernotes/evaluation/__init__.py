@@ -1,0 +1,1 @@
+"""Is the attribution right? Consistency, leave-K-out, LDS, opt-out audits, normalisation."""

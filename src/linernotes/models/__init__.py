@@ -1,0 +1,1 @@
+"""The reference text-to-music model: CLAP-style encoder, DiT denoiser, schedule, vocoder."""

@@ -1,0 +1,128 @@
+"""The Task contract: the one way every method (training, Fisher, unlearning, baselines, opt-out)
+talks to a model.
+
+A Task returns **one diffusion loss per sample** for a batch, with the timesteps and noise given by
+the caller and the padding mask applied or not as asked. Nothing outside a Task knows what a DiT is.
+
+Common random numbers: `draw_noise` derives each sample's timesteps and noise from
+(the sample's key, the draw index, a seed) - never from its position in a batch - so a sample sees
+identical draws before and after unlearning, whatever the batch size, order or process.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Parameter groups addressable by name (the music paper's grid); see `Task.parameter_names`.
+PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "self_attn", "transformer", "all")
+
+
+class Task(abc.ABC):
+    """A model's per-sample diffusion loss, and which of its parameters belong to which group.
+
+    Subclass it for your own model: implement `per_sample_loss` and `parameter_names`.
+    """
+
+    #: shape of one sample's latent (what the noise has), e.g. (n_frames, n_mels)
+    latent_shape: tuple[int, ...]
+
+    @abc.abstractmethod
+    def per_sample_loss(
+        self,
+        model: nn.Module,
+        batch: dict,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        mask_padding: bool = False,
+    ) -> torch.Tensor:
+        """Loss of each sample of `batch` at timesteps `t` (B,) in (0, 1) with `noise` (B, ...).
+
+        `batch` holds at least "features" (B, *latent_shape), "mask" (B, n_frames) bool and
+        "caption" (list of B strings). With `mask_padding`, padded frames do not count.
+        Returns a (B,) tensor.
+        """
+
+    @abc.abstractmethod
+    def parameter_names(self, model: nn.Module, group: str) -> list[str]:
+        """Names (as in `model.named_parameters()`) of the parameters in `group` (PARAM_GROUPS)."""
+
+    def parameters(self, model: nn.Module, group: str) -> dict[str, nn.Parameter]:
+        names = set(self.parameter_names(model, group))
+        return {n: p for n, p in model.named_parameters() if n in names}
+
+
+def _key_seed(key: str, seed: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def draw_noise(
+    keys: Sequence[str],
+    draws: Sequence[int],
+    shape: tuple[int, ...],
+    seed: int = 0,
+    timesteps: Sequence[float] | None = None,
+    t_min: float = 1e-3,
+    t_max: float = 1.0 - 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (B, D) and noise (B, D, *shape) for samples `keys` and draw indices `draws`.
+
+    Draw d of sample k is a pure function of (k, d, seed): independent of the other samples and
+    draws requested with it. With `timesteps`, draw d uses timesteps[d % len(timesteps)]; otherwise
+    t is uniform in [t_min, t_max].
+    """
+    b, d = len(keys), len(draws)
+    t = torch.empty(b, d)
+    noise = torch.empty(b, d, *shape)
+    gen = torch.Generator()
+    for i, key in enumerate(keys):
+        base = _key_seed(key, seed)
+        for j, draw in enumerate(draws):
+            gen.manual_seed((base + 1_000_003 * int(draw)) % (1 << 63))
+            u = torch.rand((), generator=gen)
+            noise[i, j] = torch.randn(shape, generator=gen)
+            if timesteps is not None:
+                t[i, j] = float(timesteps[int(draw) % len(timesteps)])
+            else:
+                t[i, j] = t_min + (t_max - t_min) * u
+    return t, noise
+
+
+def fixed_timesteps(n: int = 20, stride: int = 50, steps: int = 1000) -> tuple[float, ...]:
+    """AbC's scoring timesteps: n discrete steps at `stride` of `steps`, as fractions in (0, 1)."""
+    return tuple((stride // 2 + stride * k) / steps for k in range(n))
+
+
+def expand_draws(batch: dict, n_draws: int) -> dict:
+    """Repeat every sample of `batch` n_draws times (sample-major), for folding draws into B."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.repeat_interleave(n_draws, dim=0)
+        elif isinstance(v, list):
+            out[k] = [x for x in v for _ in range(n_draws)]
+        else:
+            out[k] = v
+    return out
+
+
+def loss_at_draws(
+    task: Task,
+    model: nn.Module,
+    batch: dict,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    mask_padding: bool = False,
+) -> torch.Tensor:
+    """Per-sample loss averaged over D draws: t (B, D), noise (B, D, ...) -> (B,)."""
+    b, d = t.shape
+    flat = expand_draws(batch, d)
+    losses = task.per_sample_loss(
+        model, flat, t.reshape(b * d), noise.reshape(b * d, *noise.shape[2:]), mask_padding
+    )
+    return losses.view(b, d).mean(dim=1)

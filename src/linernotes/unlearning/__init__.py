@@ -1,0 +1,1 @@
+"""Unlearning: of one query (attribution) and of a forget set (opt-out)."""

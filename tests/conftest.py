@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny synthetic corpora of real audio files, made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from linernotes.data.features import FeatureSettings
+from linernotes.data.manifest import read_manifest, write_manifest
+
+TITLES = ["Morning", "River", "Lantern", "Harbour", "Orchard", "Meadow", "Falcon", "Ember"]
+TINY_FEATURES = FeatureSettings(seconds=2.0, n_fft=512, hop_length=500, n_mels=16, fmax=4000.0)
+
+
+def make_tone_corpus(root: Path, n_per_artist: int = 4, sr: int = 16000) -> pd.DataFrame:
+    """Write WAVs of tones whose pitch set depends on the artist, and their manifest."""
+    rng = np.random.default_rng(0)
+    artists = {"Alpha": 220.0, "Beta": 330.0, "Gamma": 495.0}
+    rows = []
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for artist, f0 in artists.items():
+        for k in range(n_per_artist):
+            seconds = [0.7, 1.2, 1.6, 2.5][k % 4]
+            t = np.arange(int(seconds * sr)) / sr
+            f = f0 * 2 ** (k / 12)  # a distinct pitch per track
+            audio = 0.3 * np.sin(2 * np.pi * f * t) + 0.05 * rng.standard_normal(len(t))
+            tid = f"{artist.lower()}-{k:02d}"
+            path = f"audio/{tid}.wav"
+            sf.write(root / path, audio.astype(np.float32), sr)
+            rows.append({
+                "track_id": tid, "path": path, "artist": artist, "instrument": "sine",
+                "caption": f"{TITLES[k % len(TITLES)]}, a tune by {artist} played on sine at a "
+                f"{'slow' if k % 2 else 'fast'} tempo",
+                "title": TITLES[k % len(TITLES)],
+                "duration": len(t) / sr, "sample_rate": sr,
+                "split": "holdout" if k == n_per_artist - 1 else "train",
+            })
+    write_manifest(pd.DataFrame(rows), root)
+    return read_manifest(root)
+
+
+@pytest.fixture
+def tone_corpus(tmp_path: Path) -> pd.DataFrame:
+    return make_tone_corpus(tmp_path / "corpus")

@@ -1,0 +1,91 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from linernotes.data.dataset import TrackDataset, collate, split_rows
+from linernotes.data.features import FeatureStore, audio_to_db
+from linernotes.data.manifest import read_manifest, write_manifest
+from linernotes.errors import LinernotesError
+
+from conftest import TINY_FEATURES
+
+
+def test_mask_sums_equal_real_frames(tone_corpus):
+    store = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+    s = TINY_FEATURES
+    for i, dur in enumerate(tone_corpus["duration"]):
+        expected = min(s.n_frames, int(np.ceil(round(dur * s.sample_rate) / s.hop_length)))
+        assert int(store.mask[i].sum()) == expected
+        # the mask is a prefix: real frames first, then padding
+        m = np.asarray(store.mask[i])
+        assert not m[expected:].any() and m[:expected].all()
+    # padded frames hold silence (the floor), real frames do not
+    i = int(np.argmin(tone_corpus["duration"]))
+    assert np.all(store.db[i][~store.mask[i]] == s.db_floor)
+    assert store.db[i][store.mask[i]].max() > s.db_floor + 30
+
+
+def test_features_normalised_on_train_real_frames(tone_corpus):
+    store = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+    train = split_rows(tone_corpus, "train")
+    x = np.concatenate([store.features(i)[np.asarray(store.mask[i])] for i in train])
+    assert abs(x.mean()) < 1e-3 and abs(x.std() - 1) < 1e-2
+    # padding (silence) stays within a few standard deviations
+    assert store.features(int(np.argmin(tone_corpus["duration"]))).min() > -10
+    # round trip through the normalisation
+    assert np.allclose(store.stats.denormalise(store.features(0)), store.db[0], atol=1e-3)
+
+
+def test_dataset_and_collate(tone_corpus):
+    store = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+    ds = TrackDataset(store, tone_corpus, split_rows(tone_corpus, "train", exclude=["alpha-00"]))
+    assert "alpha-00" not in [ds[k]["track_id"] for k in range(len(ds))]
+    batch = collate([ds[0], ds[1]])
+    s = TINY_FEATURES
+    assert batch["features"].shape == (2, s.n_frames, s.n_mels)
+    assert batch["mask"].dtype == torch.bool and batch["index"].dtype == torch.long
+    assert batch["caption"][0] == tone_corpus["caption"][int(batch["index"][0])]
+
+
+def test_cache_reused_and_invalidated(tone_corpus, tmp_path):
+    a = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+    b = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+    assert a.root == b.root
+    # other feature settings -> another cache
+    c = FeatureStore.open(tone_corpus, TINY_FEATURES.replace(n_mels=8), progress=False)
+    assert c.root != a.root and c.db.shape[2] == 8
+    # a changed manifest (caption edit) -> another cache
+    edited = tone_corpus.copy()
+    edited.loc[0, "caption"] = "something else entirely"
+    write_manifest(edited, a.root.parent.parent)
+    d = FeatureStore.open(read_manifest(a.root.parent.parent), TINY_FEATURES, progress=False)
+    assert d.root != a.root
+
+
+def test_cache_resumes_after_partial_build(tone_corpus):
+    store = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False, chunk=4)
+    reference = np.array(store.db)
+    # simulate a build killed after the first chunk: forget completion of the rest
+    done = np.load(store.root / "done.npy")
+    done[4:] = False
+    np.save(store.root / "done.npy", done)
+    (store.root / "meta.json").unlink()
+    db = np.load(store.root / "db.npy", mmap_mode="r+")
+    db[4:] = 0
+    db.flush()
+    again = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False, chunk=4)
+    assert np.array_equal(np.array(again.db), reference)
+
+
+def test_missing_audio_is_a_clear_error(tone_corpus):
+    os.remove(os.path.join(tone_corpus.attrs["root"], tone_corpus["path"][0]))
+    with pytest.raises(LinernotesError, match="missing"):
+        FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False)
+
+
+def test_long_audio_is_cut():
+    s = TINY_FEATURES
+    db, n_real = audio_to_db(np.ones(s.n_samples * 3, dtype=np.float32) * 0.1, s)
+    assert db.shape == (s.n_frames, s.n_mels) and n_real == s.n_frames
