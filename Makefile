@@ -21,8 +21,9 @@ $(VENV)/.torch: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml Makefile
+	$(BIN)/pip install --quiet -e '.[dev,peers]'
+	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1
 	touch $@
 
 system:
@@ -44,8 +45,10 @@ demo: system $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 
+# One torch thread per test process: tiny models gain nothing from more, and a second thread
+# competing with another process slows torch down many times over.
 test: system $(VENV)/.installed lint
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

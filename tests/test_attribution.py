@@ -65,13 +65,13 @@ def test_scores_are_deterministic_and_self_influence_ranks_first(setup, tmp_path
     ranks = []
     for k in range(len(setup["train"])):
         q = track_query(setup, k)
-        df = att.attribute(q, FAST_UNLEARN, tmp_path / "out")
+        df = att.attribute(q, tmp_path / "out", FAST_UNLEARN)
         ranks.append(int(df.set_index("track_id").loc[q.key, "rank"]))
     # self-influence: each track, unlearned, is among its own most credited (chance: 8 of 15)
     assert np.mean(ranks) < 3 and np.mean(np.array(ranks) == 1) >= 0.4, ranks
-    again = attributor(setup, tmp_path / "cache2").attribute(track_query(setup, 0), FAST_UNLEARN,
-                                                              tmp_path / "out2")
-    first = att.attribute(track_query(setup, 0), FAST_UNLEARN, tmp_path / "out3")
+    again = attributor(setup, tmp_path / "cache2").attribute(track_query(setup, 0),
+                                                              tmp_path / "out2", FAST_UNLEARN)
+    first = att.attribute(track_query(setup, 0), tmp_path / "out3", FAST_UNLEARN)
     assert np.array_equal(again["score"].to_numpy(), first["score"].to_numpy())
     assert (tmp_path / "out" / f"{track_query(setup, 0).key}.json").exists()
 

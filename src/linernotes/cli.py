@@ -94,6 +94,201 @@ def corpus_import(
             typer.echo(f"  ... and {len(result.problems) - 50} more")
 
 
+def _manifest(corpus: Path):
+    from linernotes.data.manifest import read_manifest
+
+    return read_manifest(corpus)
+
+
+@app.command("train-clap")
+def train_clap_cmd(
+    corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
+    out: Path = typer.Option(Path("run/clap"), "--out", "-o", help="Folder for the encoder."),
+    steps: int = typer.Option(300, help="Training steps."),
+    seconds: float = typer.Option(8.0, help="Feature length in seconds (the model's clip length)."),
+) -> None:
+    """Train the CLAP-style text/audio encoder alone (`train` runs it first by itself)."""
+    from linernotes.artifacts import read_json
+    from linernotes.data.features import FeatureSettings
+    from linernotes.models.clap import CLAP_CONFIG, ClapSettings
+    from linernotes.training import train_clap
+
+    path = train_clap(_manifest(corpus), out, ClapSettings(steps=steps),
+                      FeatureSettings(seconds=seconds))
+    typer.echo(f"CLAP at {path}; holdout retrieval:")
+    for k, v in read_json(Path(path) / CLAP_CONFIG).get("eval", {}).items():
+        typer.echo(f"  {k}: {v}")
+
+
+@app.command()
+def train(
+    corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
+    out: Path = typer.Option(Path("run"), "--out", "-o", help="Run folder."),
+    steps: int = typer.Option(1200, help="Denoiser training steps."),
+    clap_steps: int = typer.Option(300, help="CLAP training steps (when no --clap is given)."),
+    batch_size: int = typer.Option(32, help="Batch size."),
+    seconds: float = typer.Option(8.0, help="Feature length in seconds (the model's clip length)."),
+    seed: int = typer.Option(0, help="Seed."),
+    clap: Path = typer.Option(None, help="Reuse a trained CLAP folder instead of training one."),
+    exclude: Path = typer.Option(None, help="File of track ids to leave out (one per line)."),
+    duplicate: list[str] = typer.Option(None, help="TRACK_ID:M repeats a track M times."),
+    mask_padding: bool = typer.Option(False, help="Train on real frames only."),
+) -> None:
+    """Train the reference model (CLAP stage, then the DiT); resumes after a kill."""
+    from linernotes.data.features import FeatureSettings
+    from linernotes.models.clap import ClapSettings
+    from linernotes.training import TrainSettings
+    from linernotes.training import train as train_run
+
+    excluded = _read_ids(exclude) if exclude else ()
+    dups = []
+    for d in duplicate or []:
+        tid, _, m = d.rpartition(":")
+        if not tid or not m.isdigit():
+            raise LinernotesError(f"--duplicate takes TRACK_ID:M, not {d!r}.")
+        dups.append((tid, int(m)))
+    settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, exclude=excluded,
+                             duplicate=tuple(dups), mask_padding=mask_padding)
+    run = train_run(_manifest(corpus), out, settings, features=FeatureSettings(seconds=seconds),
+                    clap=clap, clap_settings=ClapSettings(steps=clap_steps))
+    typer.echo(f"Run {run.hash} at {run.path} (final loss {run.config.get('final_loss'):.4f}).")
+
+
+def _read_ids(path: Path) -> tuple[str, ...]:
+    if not path.exists():
+        raise LinernotesError(f"{path} does not exist (expected one track id per line).")
+    return tuple(x.strip() for x in path.read_text().splitlines() if x.strip())
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(None, help="Prompts (or --prompts-file)."),
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    out: Path = typer.Option(Path("clips"), "--out", "-o", help="Folder for clips (or a .wav)."),
+    prompts_file: Path = typer.Option(None, help="A file of prompts, one per line."),
+    seconds: float = typer.Option(None, help="Clip length (default: the model's length)."),
+    seed: int = typer.Option(0, help="Seed of the first clip (then seed + i)."),
+    steps: int = typer.Option(25, help="Sampler steps."),
+    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale."),
+    sampler: str = typer.Option("dpm", help="dpm (DPM-Solver++) or ddim."),
+) -> None:
+    """Generate clips; each gets a JSON sidecar and its latent, for exact attribution later."""
+    from linernotes.models.pipeline import GenerateSettings, move_clip
+    from linernotes.models.pipeline import generate as gen
+
+    texts = list(prompts or [])
+    if prompts_file:
+        if not prompts_file.exists():
+            raise LinernotesError(f"{prompts_file} does not exist.")
+        texts += [x.strip() for x in prompts_file.read_text().splitlines() if x.strip()]
+    settings = GenerateSettings(steps=steps, guidance=guidance, sampler=sampler, seconds=seconds)
+    target = out.parent if out.suffix == ".wav" else out
+    paths = gen(run, texts, target, seed, settings)
+    if out.suffix == ".wav":
+        if len(paths) != 1:
+            raise LinernotesError("-o NAME.wav takes one prompt; give a folder for several.")
+        paths = [move_clip(paths[0], out)]
+    for p in paths:
+        typer.echo(str(p))
+
+
+@app.command()
+def fisher(
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    group: str = typer.Option("transformer", help="Parameter group."),
+    samples: int = typer.Option(0, help="Training samples (0 = all)."),
+    draws: int = typer.Option(2, help="Random draws per sample."),
+) -> None:
+    """Compute (once) the diagonal Fisher of a run; attribution reuses it."""
+    from linernotes import distributed
+    from linernotes.attribution.front import fisher_for, fisher_path, train_set
+    from linernotes.curvature import FisherSettings
+    from linernotes.training import load_run
+
+    distributed.init_from_env()
+    r = load_run(run)
+    settings = FisherSettings(group=group, samples=samples, draws=draws)
+    _, train_ds, _ = train_set(r, _manifest(corpus))
+    f = fisher_for(r, train_ds, settings)
+    typer.echo(f"Fisher over {f.n_examples} examples at {fisher_path(r, settings)}")
+
+
+@app.command()
+def attribute(
+    queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
+                                        "(with --caption) or train:<track id>."),
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("scores"), "--out", "-o", help="Folder for score tables."),
+    caption: str = typer.Option(None, help="Caption for a plain audio query."),
+    top: int = typer.Option(5, help="How many credited tracks to print."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    group: str = typer.Option("transformer", help="Parameters unlearned."),
+    alpha: float = typer.Option(0.0, help="Step size (0 = reach --target-ratio)."),
+    target_ratio: float = typer.Option(1.5, help="Query loss after / before unlearning."),
+    draws: int = typer.Option(1024, help="Draws in the query gradient."),
+    steps: int = typer.Option(1, help="Unlearning steps."),
+    damping: float = typer.Option(1e-3, help="Fisher damping (x mean F)."),
+    mask_query: bool = typer.Option(True, help="M_U: mask the query's padding."),
+    mask_train: bool = typer.Option(False, help="M_L: mask training tracks' padding."),
+    timesteps: int = typer.Option(20, help="Fixed scoring timesteps per track."),
+    stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
+) -> None:
+    """Credit the training tracks behind each query, by unlearning it."""
+    from linernotes import distributed
+    from linernotes.attribution.front import attribute_run
+    from linernotes.attribution.losses import ScoreSettings
+    from linernotes.training import load_run
+    from linernotes.unlearning.newton import UnlearnSettings
+
+    distributed.init_from_env()
+    r = load_run(run)
+    unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
+                              steps=steps, damping=damping, mask_query=mask_query)
+    score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train)
+    tables = attribute_run(r, _manifest(corpus), queries, out, unlearn, score, caption=caption)
+    if distributed.rank() == 0:
+        print_credits(tables, top, as_json)
+
+
+def print_credits(tables, top: int, as_json: bool = False, titles=None) -> None:
+    """Print each query's top credited tracks (artist, title, score) under its title."""
+    import json
+
+    if as_json:
+        typer.echo(json.dumps([t.head(top)[["query", "track_id", "rank", "score", "artist",
+                                             "title"]].to_dict("records") for t in tables]))
+        return
+    for i, t in enumerate(tables):
+        typer.secho(f"\n{titles[i] if titles else t['query'][0]}", bold=True)
+        view = t.head(top)[["rank", "artist", "title", "score", "track_id"]].copy()
+        view["score"] = view["score"].map(lambda x: f"{x:.3g}")
+        typer.echo(view.to_string(index=False))
+
+
+@app.command()
+def report(
+    scores: list[Path] = typer.Argument(..., help="Score tables or folders of them."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder."),
+    run: Path = typer.Option(None, help="Run folder (checks the scores came from it)."),
+    top: int = typer.Option(5, help="Credited tracks shown per query."),
+    title: str = typer.Option("Liner notes", help="Report title."),
+) -> None:
+    """Write a static HTML report: clips, credited tracks with players, plots."""
+    from linernotes.report import build_report
+
+    run_hash = None
+    if run is not None:
+        from linernotes.training import load_run
+
+        run_hash = load_run(run).hash
+    index = build_report(out, scores, _manifest(corpus), run_hash=run_hash, top_k=top,
+                         title=title)
+    typer.echo(f"Report: {index}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for everything it makes."),

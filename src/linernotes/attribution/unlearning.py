@@ -32,11 +32,13 @@ class UnlearningAttributor:
         self, task: Task, model: nn.Module, run_hash: str, manifest: pd.DataFrame,
         train: Dataset, train_ids: list[str], fisher: Fisher, cache_dir: str | Path,
         score: ScoreSettings | None = None, progress: bool = True,
+        unlearn: UnlearnSettings | None = None,
     ):
         self.task, self.model, self.run_hash = task, model, run_hash
         self.manifest, self.train, self.train_ids = manifest, train, train_ids
         self.fisher, self.cache_dir = fisher, Path(cache_dir)
         self.score = score or ScoreSettings()
+        self.unlearn = unlearn or UnlearnSettings()
         self.progress = progress
         self._before: np.ndarray | None = None
 
@@ -54,10 +56,11 @@ class UnlearningAttributor:
         return self._before
 
     def attribute(
-        self, query: Query, settings: UnlearnSettings, out_dir: str | Path
+        self, query: Query, out_dir: str | Path, settings: UnlearnSettings | None = None
     ) -> pd.DataFrame:
         """Unlearn `query`, score every training track, write `<out_dir>/<query>.parquet`."""
         out_dir = Path(out_dir)
+        settings = settings or self.unlearn
         before = self.baseline()
         t0 = time.perf_counter()
         delta, record = unlearn_query(self.task, self.model, query, self.fisher, settings,

