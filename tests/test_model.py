@@ -379,3 +379,18 @@ def test_laion_clap_tiny_random(tmp_path):
     assert a.shape == (2, 16)
     with pytest.raises(LinernotesError, match="No LAION-CLAP"):
         LaionClapEncoder(tmp_path / "missing")
+
+
+def test_caches_filled_in_inference_mode_serve_gradients(corpus):
+    """Scoring under inference_mode first (attribution's baseline), then a gradient (unlearning)
+    on a fresh model: the rotary and caption caches must not hold inference tensors."""
+    _, df, store = corpus
+    model, task, data = _tiny((df, store))
+    batch = data(0)
+    t, noise = draw_noise(batch["track_id"], [0], task.latent_shape, seed=3)
+    with torch.inference_mode():
+        task.per_sample_loss(model, batch, t[:, 0], noise[:, 0])
+    loss = task.per_sample_loss(model, batch, t[:, 0], noise[:, 0]).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
+    assert len(grads) > len(params) // 2 and all(torch.isfinite(g).all() for g in grads)

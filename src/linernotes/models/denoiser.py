@@ -97,7 +97,10 @@ class Denoiser(nn.Module):
         """What is needed to rebuild this module (saved in a run's config)."""
         return {"config": self.config.to_dict(), "n_mels": self.n_mels, "clap_dim": self.clap_dim}
 
+    @torch.inference_mode(False)
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position tables, cached per length (made outside inference mode, so a table
+        first built while scoring can serve gradient computations later)."""
         if length not in self._rotary:
             from diffusers.models.embeddings import get_1d_rotary_pos_embed
 

@@ -42,19 +42,28 @@ class ReferenceTask(Task):
 
     @torch.no_grad()
     def text_condition(self, captions: Sequence[str], max_words: int) -> dict:
-        """CLAP text embeddings and MiniLM word features for captions (cached per caption)."""
+        """CLAP text embeddings and MiniLM word features for captions (cached per caption).
+
+        Cached tensors are made outside inference mode, so a cache filled while scoring under
+        `torch.inference_mode` still serves later gradient computations.
+        """
         todo = [c for c in dict.fromkeys(captions) if (c, max_words) not in self._text_cache]
         if todo:
-            emb = self.clap.embed_text(todo).float()
-            words, wmask = self.clap.text.tokens(todo, max_words)
-            for i, c in enumerate(todo):
-                self._text_cache[(c, max_words)] = (emb[i], words[i], wmask[i])
+            self._fill_text_cache(todo, max_words)
         items = [self._text_cache[(c, max_words)] for c in captions]
         return {
             "clap": torch.stack([it[0] for it in items]),
             "words": torch.stack([it[1] for it in items]),
             "words_mask": torch.stack([it[2] for it in items]),
         }
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def _fill_text_cache(self, todo: list[str], max_words: int) -> None:
+        emb = self.clap.embed_text(todo).float()
+        words, wmask = self.clap.text.tokens(todo, max_words)
+        for i, c in enumerate(todo):
+            self._text_cache[(c, max_words)] = (emb[i], words[i], wmask[i])
 
     def condition(self, model: nn.Module, batch: dict) -> dict:
         """The conditioning dict the denoiser expects, for a Task batch."""

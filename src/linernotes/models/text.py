@@ -64,6 +64,7 @@ class TextEncoder:
                 p.requires_grad_(False)
         return self._model
 
+    @torch.inference_mode(False)
     def _encode(self, captions: list[str]) -> None:
         todo = sorted({c for c in captions if c not in self._sentence})
         if not todo:
