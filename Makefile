@@ -23,7 +23,7 @@ $(VENV)/.torch: $(BIN)/python
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev,peers]'
-	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1
+	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1 basic-pitch==0.4.0
 	touch $@
 
 system:

@@ -1,0 +1,140 @@
+"""Opt-out benchmark: unlearn two artists with every method, audited against retraining.
+
+Builds the demo corpus, trains the demo-scale model, opts each artist out with every registered
+method, retrains without each artist (the gold standard) and writes the audit tables into
+docs/benchmarks.md (the `optout` section; other sections are kept). Every stage is cached
+under --work, so an interrupted run resumes where it stopped.
+
+    .venv/bin/python benchmarks/optout.py            # full scale (about an hour on 2 cores)
+    .venv/bin/python benchmarks/optout.py --quick    # reduced check (about 15 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from bench_docs import write_section
+from linernotes.corpus.build import build_corpus
+from linernotes.data.features import FeatureSettings
+from linernotes.demo import DEMO_ARTISTS, DemoSettings
+from linernotes.evaluation.audit import EMBEDDERS, AuditSettings, audit
+from linernotes.models.clap import ClapSettings
+from linernotes.models.denoiser import DenoiserConfig
+from linernotes.training import TrainSettings, train
+from linernotes.unlearning.trainer import available_methods, optout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Corpus, model training, unlearning and audit sizes of one benchmark scale."""
+
+    name: str
+    corpus_size: int
+    clap: ClapSettings
+    train: TrainSettings
+    method_overrides: dict
+    audit: AuditSettings
+
+
+DEMO = DemoSettings()
+FEATURES = FeatureSettings(seconds=DEMO.seconds, hop_length=750)  # 128 frames x 64 mels
+FULL = Scale("full", DEMO.size, ClapSettings(), TrainSettings(), {}, AuditSettings(pairs=0))
+QUICK = Scale(
+    "quick",
+    96,
+    ClapSettings(steps=100),
+    TrainSettings(steps=300, batch_size=16, checkpoint_every=100),
+    {"steps": 20},
+    AuditSettings(prompts=4, other_prompts=8, generate_steps=10, pairs=0, max_retain=48,
+                  score_timesteps=5, score_stride=200),
+)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced scale (a check)")
+    parser.add_argument("--work", type=Path, default=None, help="cache folder")
+    parser.add_argument("--artists", nargs="+", default=["J.S. Bach", "O'Neill's Music of Ireland"])
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--basic-pitch", action="store_true",
+                        help="add a basic-pitch Fréchet distance (Griffin-Lim per clip: slow)")
+    args = parser.parse_args()
+    if args.basic_pitch:
+        from linernotes.attribution.similarity import basic_pitch_frames
+
+        EMBEDDERS["basic_pitch"] = basic_pitch_frames
+    scale = QUICK if args.quick else FULL
+    work = args.work or ROOT / "runs" / f"bench-optout-{scale.name}"
+    methods = args.methods or sorted(available_methods())
+    started = time.perf_counter()
+
+    print(f"== corpus ({scale.corpus_size} excerpts of {DEMO.seconds:g} s)")
+    corpus = build_corpus(work / "corpus", scale.corpus_size, DEMO.seconds, DEMO.seed,
+                          list(DEMO_ARTISTS), progress=False)
+    manifest = corpus.manifest_path
+    print("== model")
+    t0 = time.perf_counter()
+    run = train(manifest, work / "run", scale.train, DenoiserConfig(), FEATURES,
+                clap_settings=scale.clap)
+    loss = run.config["final_loss"]
+    print(f"   {time.perf_counter() - t0:.0f} s (~0 if cached); final loss {loss:.4f}")
+
+    sections = []
+    for artist in args.artists:
+        print(f"== {artist}")
+        unlearned = []
+        for method in methods:
+            t0 = time.perf_counter()
+            unlearned.append(optout(run, manifest, f"artist={artist}", method,
+                                    scale.method_overrides,
+                                    work / "unlearned" / slug(artist) / method, progress=False))
+            print(f"   {method}: {time.perf_counter() - t0:.1f} s")
+        result = audit(run, unlearned, manifest, f"artist={artist}",
+                       work / "audit" / slug(artist), settings=scale.audit)
+        print(result.markdown())
+        sections.append(f"### {artist}: {len(result.forget.forget_ids)} training tracks removed "
+                        f"(of {len(result.forget.forget_ids) + len(result.forget.retain_ids)})\n\n"
+                        + result.markdown())
+
+    minutes = (time.perf_counter() - started) / 60
+    cmd = "benchmarks/optout.py" + (" --quick" if args.quick else "")
+    body = "\n".join([
+        "## Opt-out: unlearning an artist, audited against retraining",
+        "",
+        f"`.venv/bin/python {cmd}` ({scale.name} scale: {scale.corpus_size}-excerpt demo corpus, "
+        f"{scale.train.steps} training steps, method settings = defaults"
+        + (f" with {scale.method_overrides}" if scale.method_overrides else "")
+        + f"); {dt.date.today()}, {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"{minutes:.0f} min wall clock for this invocation (cached stages excluded).",
+        "",
+        "Each table has one row per model: the original, the model retrained without the "
+        "artist (the reference a method should land near on forgetting), and each unlearning "
+        "method. Losses are at fixed draws (the same timesteps and noise for every model); "
+        "MIA AUC is a loss-based membership test of the forget tracks against held-out tracks "
+        "(0.5 = indistinguishable); generation metrics use CLAP-audio embeddings of clips from "
+        "the same prompts and noise; cost is wall-clock seconds and the fraction of the "
+        "retraining time.",
+        "",
+        *sections,
+    ])
+    write_section("optout", body, args.doc)
+    print(f"wrote {args.doc} ({minutes:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
