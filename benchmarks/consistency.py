@@ -94,15 +94,15 @@ def main() -> None:
 
 `python benchmarks/consistency.py --run {args.run} --corpus {args.corpus} \\
 --queries {args.queries} --draws {args.draws}` on the demo model ({len(ids)} training tracks,
-{torch.get_num_threads()}
-torch threads). {len(queries)} k-means-diverse training tracks (CLAP audio embeddings) are each
-unlearned (one Newton step, α chosen so the query's loss rises ×1.5, {args.draws} query draws)
-and ranked among all {len(ids)} training tracks; chance is a mean rank of {len(ids) / 2:.0f}.
+{torch.get_num_threads()} torch threads). {len(queries)} k-means-diverse training tracks (CLAP
+audio embeddings) are each unlearned (one Newton step, α chosen so the query's loss rises
+×1.5, {args.draws} query draws) and ranked among all {len(ids)} training tracks; chance is a
+mean rank of {len(ids) / 2:.0f}.
 CLAP top-10 / bottom-10: mean cosine similarity of the query to its 10 most and least credited
 other tracks. The paper's columns are its 115k-track model (SPEC §3); ranks are not comparable in
 scale, their ordering is.
 
-{md_table(table)}
+{md_table(table, ".4g")}
 """
         write_section("consistency", body)
 
