@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
 
     speed = _training_speed(run)
     timing = pd.DataFrame([{
-        "train steps": speed.get("steps", run.config.get("steps")),
-        "batch": run.config["train"]["batch_size"],
+        "train steps": str(speed.get("steps", run.config.get("steps"))),
+        "batch": str(run.config["train"]["batch_size"]),
         "steps/s": speed.get("steps_per_s", np.nan),
         "denoiser training (min)": speed.get("train_minutes", np.nan),
         "s per clip (generate: sampling + Griffin-Lim)": clip_seconds,

@@ -402,7 +402,7 @@ CONDITIONING = ("own", "null")
 class LpipsSettings(Settings):
     """Which activations the LPIPS-style similarity compares, and under which draws."""
 
-    timesteps: tuple[float, ...] = (0.1, 0.3, 0.5)  # diffusion times in (0, 1)
+    timesteps: tuple[float, ...] = (0.2, 0.5, 0.8)  # diffusion times in (0, 1): low to high noise
     noise_key: str = "lpips-dit"  # every item gets the noise drawn for this key (shared)
     seed: int = 0
     time_pool: int = 4  # frames averaged per compared position (after unit-normalising)
