@@ -29,7 +29,7 @@ from linernotes.evaluation.audit import EMBEDDERS, AuditSettings, audit
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
 from linernotes.training import TrainSettings, train
-from linernotes.unlearning.trainer import available_methods, optout
+from linernotes.unlearning.trainer import available_methods, method_settings, optout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,9 +100,10 @@ def main() -> None:
         unlearned = []
         for method in methods:
             t0 = time.perf_counter()
-            unlearned.append(optout(run, manifest, f"artist={artist}", method,
-                                    scale.method_overrides,
-                                    work / "unlearned" / slug(artist) / method, progress=False))
+            settings = method_settings(method, scale.method_overrides)
+            folder = work / "unlearned" / slug(artist) / f"{method}-{settings.hash()[:8]}"
+            unlearned.append(optout(run, manifest, f"artist={artist}", method, settings, folder,
+                                    progress=False))
             print(f"   {method}: {time.perf_counter() - t0:.1f} s")
         result = audit(run, unlearned, manifest, f"artist={artist}",
                        work / "audit" / slug(artist), settings=scale.audit)

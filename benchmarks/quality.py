@@ -90,7 +90,7 @@ def fast_vocode(run, frames: np.ndarray, mask: np.ndarray, n_iter: int) -> np.nd
     power = np.power(10.0, db.T.astype(np.float64) / 10.0)
     mag = np.sqrt(np.maximum(np.linalg.pinv(basis) @ power, 0.0))
     audio = librosa.griffinlim(mag, n_iter=n_iter, hop_length=f.hop_length, n_fft=f.n_fft,
-                               center=True)[: n * f.hop_length]
+                               center=True, random_state=0)[: n * f.hop_length]
     peak = float(np.abs(audio).max()) if len(audio) else 0.0
     return (audio * (0.99 / peak) if peak > 0.99 else audio).astype(np.float32)
 
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             {"clap": _floor(clap_train, clap_hold, n_gen, 20, args.seed),
              "bp": _floor(bp_train, bp_hold, n_gen, 20, args.seed)},
             clap=clap_hold, bp=bp_hold),
-        row("real holdout, vocoded (product Griffin-Lim)", n_hold, art_hold, bp=bp_hold_nnls),
+        row("real holdout, vocoded (product vocoder, seeded phase)", n_hold, art_hold,
+            bp=bp_hold_nnls),
         row("real holdout, vocoded (pseudo-inverse Griffin-Lim)", n_hold, art_hold,
             bp=bp_hold_pinv),
         row("trained model, product WAV", n_gen, art_gen, clap=clap_gen, bp=bp_gen_nnls),

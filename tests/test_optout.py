@@ -141,7 +141,8 @@ def test_method_changes_only_its_group_and_sees_its_sets(setup, tmp_path, method
     rec = read_record(new)
     assert rec["method"] == method and rec["removed"]["track_ids"] == list(forget.forget_ids)
     assert rec["removed"]["artists"] == ["Alpha"] and rec["cost"]["seconds"] > 0
-    assert rec["cost"]["steps"] == 3 and new.config["parent"] == run.hash
+    assert rec["cost"]["steps"] == 3 or rec["cost"]["stopped_early"]
+    assert new.config["parent"] == run.hash
     assert new.config["note"]["method"] == method
     assert not (new.path / "_unlearn").exists()
     again = optout(run, df, "artist=Alpha", method, {**FAST, "group": "self_attn"},

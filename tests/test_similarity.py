@@ -109,6 +109,8 @@ def test_generated_style_query_without_audio_uses_griffin_lim(tiny_run, tmp_path
     query.track_id, query.source, query.key = None, "", "vocoded"
     df = method.attribute(query, tmp_path)
     assert len(df) == len(method.train_ids) and np.isfinite(df["score"]).all()
+    assert np.array_equal(method.scores(query)[0], df.set_index("track_id").loc[
+        method.train_ids, "score"].to_numpy())  # seeded Griffin-Lim: same audio each time
 
 
 def test_unknown_method_is_a_clear_error(tiny_run):

@@ -38,20 +38,13 @@ from linernotes.task import draw_noise
 
 
 def frames_to_audio(run, features: np.ndarray, mask: np.ndarray, n_iter: int = 32,
-                    db_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Griffin-Lim audio of normalised frames (T, M), cut to the real frames.
-
-    `db_range` clips the dB values first (out-of-range frames, e.g. from an untrained model,
-    make librosa's mel inversion very slow).
-    """
-    feats = run.features
+                    seed: int = 0) -> np.ndarray:
+    """The product vocoder's audio of normalised frames (T, M), cut to the real frames."""
+    f = run.features
     n = max(1, int(np.asarray(mask).sum()))
-    frames = np.asarray(features)[: min(n + 1, feats.n_frames)]  # one frame closes the last
-    db = run.stats.denormalise(frames)
-    if db_range is not None:
-        db = np.clip(db, *db_range)
-    audio = db_to_audio(db, feats, n_iter=n_iter)
-    return audio[: n * feats.hop_length]
+    frames = np.asarray(features)[: min(n + 1, f.n_frames)]  # one frame closes the last
+    audio = db_to_audio(run.stats.denormalise(frames), f, n_iter=n_iter, seed=seed)
+    return audio[: n * f.hop_length]
 
 
 def track_audio(run, manifest: pd.DataFrame, row: int, sample_rate: int) -> np.ndarray:

@@ -81,15 +81,23 @@ def audio_to_db(audio: np.ndarray, s: FeatureSettings) -> tuple[np.ndarray, int]
     return np.maximum(db, s.db_floor).T.astype(np.float32), n_real
 
 
-def db_to_audio(db: np.ndarray, s: FeatureSettings, n_iter: int = 32) -> np.ndarray:
-    """Invert (n_frames, n_mels) dB frames to audio with Griffin-Lim (the offline vocoder)."""
-    import librosa
+def db_to_audio(db: np.ndarray, s: FeatureSettings, n_iter: int = 32, seed: int = 0) -> np.ndarray:
+    """Invert (n_frames, n_mels) dB frames to audio: the offline vocoder.
 
-    power = np.power(10.0, db.T.astype(np.float64) / 10.0)
-    audio = librosa.feature.inverse.mel_to_audio(
-        power, sr=s.sample_rate, n_fft=s.n_fft, hop_length=s.hop_length, fmin=s.fmin, fmax=s.fmax,
-        n_iter=n_iter, center=True,
-    )
+    Linear power per frame by exact non-negative least squares (Lawson-Hanson, bounded time:
+    about 5 ms a frame), then Griffin-Lim with a seeded phase initialisation, so the same frames
+    always give the same audio. librosa's own mel inversion (L-BFGS) matches it on real audio
+    (about 2 dB mel round-trip error for both) but takes minutes on the loud broadband frames of
+    an untrained or unlearned model.
+    """
+    import librosa
+    from scipy.optimize import nnls
+
+    basis = _mel_basis(s).astype(np.float64)
+    power = np.power(10.0, np.asarray(db, dtype=np.float64) / 10.0)
+    linear = np.stack([nnls(basis, frame)[0] for frame in power], axis=1)
+    audio = librosa.griffinlim(np.sqrt(linear), n_iter=n_iter, hop_length=s.hop_length,
+                               n_fft=s.n_fft, center=True, random_state=seed)
     return audio.astype(np.float32)
 
 

@@ -472,6 +472,8 @@ def audit(
     for label, method, run in models:
         m = model_metrics(run, data, s, out / "metrics")
         cost = read_record(run)["cost"] if method not in ("", "retrain") else {}
+        if method == "retrain":
+            cost = {"steps": run.config.get("steps", math.nan)}
         seconds = retrain_seconds if method == "retrain" else cost.get("seconds", math.nan)
         rows.append({"model": label, "method": method or "none", **m,
                      "seconds": seconds, "steps": cost.get("steps", math.nan),
@@ -549,7 +551,7 @@ def _fmt(value, column: str) -> str:
 
 
 def audit_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """Forgetting vs utility per model, and MIA AUC per model against the retrained reference."""
+    """Forgetting vs utility, MIA AUC and artist resemblance of generations, per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -557,7 +559,7 @@ def audit_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
 
     orig = table.iloc[0]
     util = (table["retain_loss"] - orig["retain_loss"]) / orig["retain_loss"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.4))
     for i, row in table.iterrows():
         marker = {"original": "s", "retrained": "*"}.get(row["model"], "o")
         a.scatter(row["forget_gap"] * 100, util[i] * 100, marker=marker, s=90 if marker == "*"
@@ -579,6 +581,13 @@ def audit_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     b.set_ylabel("membership inference AUC")
     b.set_title("Forget vs holdout (loss-based)")
     b.legend(fontsize=8)
+    c.bar(range(len(table)), table["artist_similarity"], color=colors)
+    c.axhline(table.iloc[1]["artist_similarity"], color="tab:green", lw=1, ls="--",
+              label="retrained")
+    c.set_xticks(range(len(table)), table["model"], rotation=35, ha="right", fontsize=8)
+    c.set_ylabel("CLAP similarity to the forget set")
+    c.set_title("Generations for the artist's prompts")
+    c.legend(fontsize=8)
     fig.suptitle(f"Opt-out audit: {title}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -302,9 +302,9 @@ class UnlearningMethod:
                                self.s.mask_padding, self.s.cond_dropout)
 
     def gap_losses(self, dataset: TrackDataset) -> np.ndarray:
-        """Losses over real frames at the stopping rule's fixed draws (not the audit's)."""
+        """Losses at the stopping rule's own fixed draws (not the audit's), as in training."""
         return fixed_losses(self.ctx.task, self.ctx.model, dataset, self.s.seed + 17,
-                            mask_padding=True)
+                            mask_padding=self.s.mask_padding)
 
     def setup_stopping(self) -> dict:
         """The target of the shared stopping rule: forget loss x (holdout / train loss)."""
