@@ -46,3 +46,24 @@ def make_tone_corpus(root: Path, n_per_artist: int = 4, sr: int = 16000) -> pd.D
 @pytest.fixture
 def tone_corpus(tmp_path: Path) -> pd.DataFrame:
     return make_tone_corpus(tmp_path / "corpus")
+
+
+def make_tiny_run(root: Path, n_per_artist: int = 5, steps: int = 4):
+    """A tone corpus under `root/corpus` and a tiny reference run (`root/run`) trained on it for a
+    few steps (enough for every method to run, not to learn): (run, manifest)."""
+    from linernotes.models.clap import ClapSettings
+    from linernotes.models.denoiser import DenoiserConfig
+    from linernotes.training import TrainSettings, train
+
+    make_tone_corpus(root / "corpus", n_per_artist=n_per_artist)
+    manifest = read_manifest(root / "corpus")
+    run = train(
+        manifest, root / "run",
+        TrainSettings(steps=steps, batch_size=8, warmup=2, checkpoint_every=100),
+        DenoiserConfig(layers=2, heads=2, head_dim=16, kv_heads=1, cross_dim=32,
+                       time_proj_dim=32, max_words=12),
+        TINY_FEATURES,
+        clap_settings=ClapSettings(dim=16, hidden=24, layers=1, steps=4, batch_size=8),
+        progress=False,
+    )
+    return run, manifest

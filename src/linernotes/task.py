@@ -77,19 +77,25 @@ def draw_noise(
     t is uniform in [t_min, t_max].
     """
     b, d = len(keys), len(draws)
-    t = torch.empty(b, d)
+    draws = [int(x) for x in draws]
+    u = torch.empty(b, d)
     noise = torch.empty(b, d, *shape)
     gen = torch.Generator()
+    # One generator seeding per (key, draw) is what makes a draw independent of its batch; the
+    # loop only seeds and fills in place (the uniform and the noise, in that order), and the
+    # timesteps are computed for all draws at once (the same float32 arithmetic, so the same bits).
     for i, key in enumerate(keys):
         base = _key_seed(key, seed)
+        u_i, noise_i = u[i], noise[i]
         for j, draw in enumerate(draws):
-            gen.manual_seed((base + 1_000_003 * int(draw)) % (1 << 63))
-            u = torch.rand((), generator=gen)
-            noise[i, j] = torch.randn(shape, generator=gen)
-            if timesteps is not None:
-                t[i, j] = float(timesteps[int(draw) % len(timesteps)])
-            else:
-                t[i, j] = t_min + (t_max - t_min) * u
+            gen.manual_seed((base + 1_000_003 * draw) % (1 << 63))
+            torch.rand((), generator=gen, out=u_i[j])
+            torch.randn(shape, generator=gen, out=noise_i[j])
+    if timesteps is not None:
+        row = torch.tensor([float(timesteps[x % len(timesteps)]) for x in draws])
+        t = row.expand(b, d).clone()
+    else:
+        t = t_min + (t_max - t_min) * u
     return t, noise
 
 

@@ -16,7 +16,6 @@ import torch
 
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
-from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import Fisher, FisherSettings, compute_fisher
 from linernotes.data.audio import AUDIO_SUFFIXES, load_audio
 from linernotes.data.dataset import TrackDataset, split_rows
@@ -89,16 +88,22 @@ def attribute_run(
     fisher: FisherSettings | None = None,
     caption: str | None = None,
     progress: bool = True,
+    method: str = "unlearning",
+    overrides: dict | None = None,
 ) -> list[pd.DataFrame]:
-    """Attribute each query spec against the run's training set; one score table per query."""
-    unlearn = unlearn or UnlearnSettings()
-    fisher_settings = fisher or FisherSettings(group=_fisher_group(unlearn.group))
+    """Attribute each query spec against the run's training set; one score table per query.
+
+    `method` is any name of `methods.METHODS` (`linernotes methods`); `unlearn`, `score` and
+    `fisher` are the starting settings of the methods that have them, `overrides` a flat dict of
+    changes (e.g. {"alpha": 1e-6} or {"projection_dim": 512}).
+    """
+    from linernotes.attribution.methods import make_attributor
+
     store, train, ids = train_set(run, manifest, progress)
     queries = [query_from_spec(s, run, store, manifest, caption) for s in specs]
-    f = fisher_for(run, train, fisher_settings, progress)
-    attributor = UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids, f,
-                                      Path(run.path) / "cache", score, progress)
-    return [attributor.attribute(q, out_dir, unlearn) for q in queries]
+    attributor = make_attributor(method, run, manifest, (store, train, ids), overrides,
+                                 {"unlearn": unlearn, "score": score, "fisher": fisher}, progress)
+    return attributor.attribute_many(queries, out_dir)
 
 
 def _fisher_group(group: str) -> str:

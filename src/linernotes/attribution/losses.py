@@ -22,6 +22,27 @@ from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
 from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
 
+SCORE_KINDS = ("log-ratio", "delta")
+
+
+def score_of(before: np.ndarray, after: np.ndarray, kind: str = "log-ratio") -> np.ndarray:
+    """A track's score from its loss before and after unlearning (same draws).
+
+    "delta" is the loss increase, the papers' score. "log-ratio" is log(after / before): the
+    relative increase, which divides out each track's own loss level. On the demo model a
+    planted (20x duplicated) track ranks 2nd by delta for all 6 of its generations, behind a
+    high-loss track, and 1st by log-ratio; self-influence ranks are equal or better
+    (docs/benchmarks.md). It orders tracks exactly as MUCS's normalised difference
+    (after − before) / (after + before) does (SPEC §8), a monotone function of the ratio.
+    """
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    if kind == "delta":
+        return after - before
+    if kind == "log-ratio":
+        tiny = np.finfo(np.float64).tiny
+        return np.log(np.maximum(after, tiny)) - np.log(np.maximum(before, tiny))
+    raise LinernotesError(f"Unknown score kind {kind!r} (one of {', '.join(SCORE_KINDS)}).")
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSettings(Settings):
@@ -33,8 +54,10 @@ class ScoreSettings(Settings):
     mask_train: bool = False  # M_L: mask each track's padding in its scoring loss
     batch_size: int = 16  # tracks per batch (x timesteps rows per forward)
     shard_size: int = 512  # tracks per shard on disk
+    kind: str = "log-ratio"  # score from the two losses: "log-ratio" or "delta" (the paper's)
 
     def validate(self) -> None:
+        require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
         require(self.timesteps >= 1, "timesteps must be >= 1.")
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1 and self.shard_size >= 1,

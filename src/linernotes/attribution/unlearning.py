@@ -1,6 +1,7 @@
 """Attribution by unlearning: unlearn the query, then each training track's loss increase.
 
-score(z_i) = L(z_i; θ_unlearned) − L(z_i; θ0), both at the same fixed draws. The loss at θ0 is
+score(z_i) = log L(z_i; θ_unlearned) − log L(z_i; θ0) (or the plain difference, the papers'
+score, with `ScoreSettings(kind="delta")`), both losses at the same fixed draws. The loss at θ0 is
 computed once per (run, draws) and cached; several queries share it.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from linernotes.artifacts import hash_json
-from linernotes.attribution.losses import ScoreSettings, sharded_losses
+from linernotes.attribution.losses import ScoreSettings, score_of, sharded_losses
 from linernotes.attribution.query import Query
 from linernotes.attribution.scores import score_table, write_scores
 from linernotes.curvature import Fisher
@@ -75,7 +76,8 @@ class UnlearningAttributor:
                 f"score {query.key}", self.progress,
             )
         t2 = time.perf_counter()
-        df = score_table(query.key, self.method, self.train_ids, after - before, self.manifest,
+        scores = score_of(before, after, self.score.kind)
+        df = score_table(query.key, self.method, self.train_ids, scores, self.manifest,
                          loss_before=before, loss_after=after)
         record.update({
             "query": query.key, "caption": query.caption, "source": query.source,

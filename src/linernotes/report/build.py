@@ -106,12 +106,15 @@ def build_report(
     *,
     audio_format: str = "flac",
     workers: int | None = None,
+    credit: Sequence[pd.DataFrame] | None = None,
 ) -> Path:
     """Write the report folder `out_dir` from score tables (+ JSON records); return index.html.
 
     `audio_format`: "flac" (lossless, plays in every current browser) or "ogg" (Vorbis, about
     five times smaller, for reports over many queries; older Safari cannot play it).
     `workers`: threads converting audio and drawing spectrograms (None: up to 2).
+    `credit`: group credit tables (`linernotes.credit`), shown as a "credit by artist" panel on
+    their query's page.
     """
     t0 = time.perf_counter()
     if top_k < 1:
@@ -134,6 +137,7 @@ def build_report(
         seen[inp.method] = inp
     meta = manifest.set_index("track_id", drop=False)
     clips = {q: _clip_source(q, files, manifest, meta) for q, files in by_query.items()}
+    group_credit = _group_credit(credit or [], by_query)
 
     with _staging(Path(out_dir)) as stage:
         media = _Media(stage, manifest, meta, audio_format)
@@ -143,6 +147,7 @@ def build_report(
         ]
         for page, q in zip(pages, by_query):
             page["clip"] = media.clip(q, clips[q])
+            page["group_credit"] = group_credit.get(q, [])
             for table in page["credits"]:
                 for row in table["rows"]:
                     row["media"] = media.track(row["track_id"])
@@ -359,6 +364,28 @@ def _query_page(
         "correlations": {k: _matrix(v) for k, v in correlations.items()},
         "records": {m: _record_items(files[m].record) for m in ordered},
     }
+
+
+def _group_credit(tables: Sequence[pd.DataFrame], queries: Mapping) -> dict[str, list[dict]]:
+    """Group credit panels per query: {query: [{method, by, rows}]}, rows ranked."""
+    out: dict[str, list[dict]] = {}
+    for t in tables:
+        missing = [c for c in ("query", "method", "by", "group", "rank", "score", "share")
+                   if c not in t.columns]
+        if missing or len(t) == 0:
+            raise LinernotesError(f"A credit table is empty or lacks {missing}; pass tables made "
+                                  "by `linernotes credit`.")
+        q = str(t["query"].iloc[0])
+        if q not in queries:
+            raise LinernotesError(f"A credit table is for query {q!r}, which has no score table "
+                                  "among the report's inputs; attribute it too or drop it.")
+        rows = t.sort_values(["rank", "group"], kind="stable")
+        out.setdefault(q, []).append({
+            "method": str(t["method"].iloc[0]), "by": str(t["by"].iloc[0]),
+            "rows": [{"group": str(r.group), "rank": int(r.rank), "score": float(r.score),
+                      "share": float(r.share)} for r in rows.itertuples()],
+        })
+    return out
 
 
 def _side_by_side(credits: list[dict], top_k: int) -> list[dict]:

@@ -5,6 +5,8 @@ runs `training.fit` with paired (forget, retain) batches, the method's loss, its
 (`after_backward`) and its stopping rule (`should_stop`); a killed run resumes from its checkpoint.
 The result is a new run folder (`save_derived_run`) with a record of what was removed, how, and at
 what cost. Methods register by name (`available_methods`), like kronfluence's strategies.
+`method_context` and `fit_method` are the two halves of that run, also used by attribution's
+MUCS, whose forget set is a generated query rather than training tracks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from linernotes.task import PARAM_GROUPS, draw_noise, fixed_timesteps, loss_at_d
 from linernotes.training import (
     LOSS_LOG,
     RUN_CONFIG,
+    FitResult,
     Run,
     StepBatches,
     TrainSettings,
@@ -120,8 +123,8 @@ class UnlearningContext:
     run: Run
     model: nn.Module
     params: list[str]  # names of the parameters that may change
-    forget_set: ForgetSet
-    forget: TrackDataset
+    forget_set: ForgetSet | None  # None when the forget set is not training tracks (a query)
+    forget: Dataset  # TrackDataset items; any Dataset of such items (e.g. generated queries)
     retain: TrackDataset
     holdout: TrackDataset | None  # every holdout track (None if the corpus has none)
     manifest: pd.DataFrame
@@ -404,6 +407,50 @@ def _datasets(run: Run, manifest: pd.DataFrame, forget: ForgetSet, progress: boo
     return ds(forget.forget_ids), ds(forget.retain_ids), ds(holdout)
 
 
+def method_context(
+    run: Run,
+    group: str,
+    forget: Dataset,
+    retain: TrackDataset | None,
+    holdout: TrackDataset | None,
+    manifest: pd.DataFrame,
+    forget_set: ForgetSet | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+) -> UnlearningContext:
+    """A fresh copy of the run's model (parameters `group` free to change) and the data a method
+    sees. `forget` may hold items that are not training tracks (attribution's queries)."""
+    model = copy.deepcopy(run.model)
+    params = run.task.parameter_names(model, group)
+    named = dict(model.named_parameters())
+    return UnlearningContext(
+        run=run, model=model, params=params, forget_set=forget_set, forget=forget, retain=retain,
+        holdout=holdout, manifest=manifest,
+        theta0={n: named[n].detach().clone() for n in params}, out_dir=out_dir, progress=progress,
+    )
+
+
+def fit_method(
+    impl: UnlearningMethod, work: Path | None, key: str, progress: bool = True, desc: str = ""
+) -> FitResult:
+    """Run a prepared method on its context's model (checkpointed in `work`, resumable)."""
+    ctx, s = impl.ctx, impl.s
+    return fit(
+        ctx.model,
+        PairedBatches(ctx.forget, ctx.retain if impl.uses_retain else None, s),
+        impl.loss,
+        s.train_settings(),
+        out_dir=work,
+        task=ctx.task,
+        params=ctx.params,
+        key=key,
+        after_backward=impl.after_backward,
+        should_stop=impl.should_stop,
+        progress=progress,
+        desc=desc or f"unlearn {impl.name}",
+    )
+
+
 def unlearn(
     run: Run,
     manifest: pd.DataFrame,
@@ -434,35 +481,15 @@ def unlearn(
         raise LinernotesError(f"{out} already holds a run that is not an opt-out; choose another "
                               "folder.")
     started = time.perf_counter()
-    model = copy.deepcopy(run.model)
-    params = run.task.parameter_names(model, s.group)
     f_ds, r_ds, h_ds = _datasets(run, manifest, forget, progress)
-    named = dict(model.named_parameters())
-    ctx = UnlearningContext(
-        run=run, model=model, params=params, forget_set=forget, forget=f_ds, retain=r_ds,
-        holdout=h_ds, manifest=manifest,
-        theta0={n: named[n].detach().clone() for n in params}, out_dir=out, progress=progress,
-    )
-    impl = cls(s, ctx)
+    ctx = method_context(run, s.group, f_ds, r_ds, h_ds, manifest, forget, out, progress)
+    impl, model = cls(s, ctx), ctx.model
     prepared = {**impl.prepare(), **impl.setup_stopping()}
     check_seed = s.seed + 17
     forget_before = float(fixed_losses(run.task, model, f_ds, check_seed).mean())
     setup_seconds = time.perf_counter() - started
     fit_started = time.perf_counter()
-    result = fit(
-        model,
-        PairedBatches(f_ds, r_ds if impl.uses_retain else None, s),
-        impl.loss,
-        s.train_settings(),
-        out_dir=out / WORK,
-        task=run.task,
-        params=params,
-        key=key,
-        after_backward=impl.after_backward,
-        should_stop=impl.should_stop,
-        progress=progress,
-        desc=f"unlearn {method}",
-    )
+    result = fit_method(impl, out / WORK, key, progress, f"unlearn {method}")
     fit_seconds = time.perf_counter() - fit_started
     this_call = max(1, len(result.losses))
     forget_after = float(fixed_losses(run.task, model, f_ds, check_seed).mean())

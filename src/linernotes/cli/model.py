@@ -1,43 +1,19 @@
-"""The `linernotes` command: one typer app; each command is a thin call into the library."""
+"""Commands that make things: corpus build/import, train-clap, train, generate, demo."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
 
-from linernotes.errors import LinernotesError
-
-app = typer.Typer(
-    help="linernotes: credit for AI music (training-data attribution and opt-out unlearning).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from linernotes.cli.common import (
+    _manifest,
+    _read_ids,
+    app,
+    corpus_app,
+    print_table,
 )
-
-
-def fail(exc: LinernotesError) -> None:
-    """Print a user error without a traceback and exit non-zero."""
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-@app.callback()
-def main() -> None:
-    """Build a corpus, train a model, generate, and credit the training tracks behind a clip."""
-
-
-corpus_app = typer.Typer(help="Build or import a corpus (audio + captions manifest).",
-                         no_args_is_help=True)
-app.add_typer(corpus_app, name="corpus")
-
-
-def print_table(df, title: str | None = None) -> None:
-    """Print a DataFrame as an aligned plain-text table."""
-    if title:
-        typer.echo(title)
-    typer.echo(df.to_string(index=False))
+from linernotes.errors import LinernotesError
 
 
 def parse_size(size: str) -> int | str:
@@ -94,11 +70,6 @@ def corpus_import(
             typer.echo(f"  ... and {len(result.problems) - 50} more")
 
 
-def _manifest(corpus: Path):
-    from linernotes.data.manifest import read_manifest
-
-    return read_manifest(corpus)
-
 
 @app.command("train-clap")
 def train_clap_cmd(
@@ -154,11 +125,6 @@ def train(
     typer.echo(f"Run {run.hash} at {run.path} (final loss {run.config.get('final_loss'):.4f}).")
 
 
-def _read_ids(path: Path) -> tuple[str, ...]:
-    if not path.exists():
-        raise LinernotesError(f"{path} does not exist (expected one track id per line).")
-    return tuple(x.strip() for x in path.read_text().splitlines() if x.strip())
-
 
 @app.command()
 def generate(
@@ -192,102 +158,6 @@ def generate(
         typer.echo(str(p))
 
 
-@app.command()
-def fisher(
-    run: Path = typer.Option(Path("run"), help="Run folder."),
-    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    group: str = typer.Option("transformer", help="Parameter group."),
-    samples: int = typer.Option(0, help="Training samples (0 = all)."),
-    draws: int = typer.Option(2, help="Random draws per sample."),
-) -> None:
-    """Compute (once) the diagonal Fisher of a run; attribution reuses it."""
-    from linernotes import distributed
-    from linernotes.attribution.front import fisher_for, fisher_path, train_set
-    from linernotes.curvature import FisherSettings
-    from linernotes.training import load_run
-
-    distributed.init_from_env()
-    r = load_run(run)
-    settings = FisherSettings(group=group, samples=samples, draws=draws)
-    _, train_ds, _ = train_set(r, _manifest(corpus))
-    f = fisher_for(r, train_ds, settings)
-    typer.echo(f"Fisher over {f.n_examples} examples at {fisher_path(r, settings)}")
-
-
-@app.command()
-def attribute(
-    queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
-                                        "(with --caption) or train:<track id>."),
-    run: Path = typer.Option(Path("run"), help="Run folder."),
-    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    out: Path = typer.Option(Path("scores"), "--out", "-o", help="Folder for score tables."),
-    caption: str = typer.Option(None, help="Caption for a plain audio query."),
-    top: int = typer.Option(5, help="How many credited tracks to print."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    group: str = typer.Option("transformer", help="Parameters unlearned."),
-    alpha: float = typer.Option(0.0, help="Step size (0 = reach --target-ratio)."),
-    target_ratio: float = typer.Option(1.5, help="Query loss after / before unlearning."),
-    draws: int = typer.Option(1024, help="Draws in the query gradient."),
-    steps: int = typer.Option(1, help="Unlearning steps."),
-    damping: float = typer.Option(1e-3, help="Fisher damping (x mean F)."),
-    mask_query: bool = typer.Option(True, help="M_U: mask the query's padding."),
-    mask_train: bool = typer.Option(False, help="M_L: mask training tracks' padding."),
-    timesteps: int = typer.Option(20, help="Fixed scoring timesteps per track."),
-    stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
-) -> None:
-    """Credit the training tracks behind each query, by unlearning it."""
-    from linernotes import distributed
-    from linernotes.attribution.front import attribute_run
-    from linernotes.attribution.losses import ScoreSettings
-    from linernotes.training import load_run
-    from linernotes.unlearning.newton import UnlearnSettings
-
-    distributed.init_from_env()
-    r = load_run(run)
-    unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
-                              steps=steps, damping=damping, mask_query=mask_query)
-    score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train)
-    tables = attribute_run(r, _manifest(corpus), queries, out, unlearn, score, caption=caption)
-    if distributed.rank() == 0:
-        print_credits(tables, top, as_json)
-
-
-def print_credits(tables, top: int, as_json: bool = False, titles=None) -> None:
-    """Print each query's top credited tracks (artist, title, score) under its title."""
-    import json
-
-    if as_json:
-        typer.echo(json.dumps([t.head(top)[["query", "track_id", "rank", "score", "artist",
-                                             "title"]].to_dict("records") for t in tables]))
-        return
-    for i, t in enumerate(tables):
-        typer.secho(f"\n{titles[i] if titles else t['query'][0]}", bold=True)
-        view = t.head(top)[["rank", "artist", "title", "score", "track_id"]].copy()
-        view["score"] = view["score"].map(lambda x: f"{x:.3g}")
-        typer.echo(view.to_string(index=False))
-
-
-@app.command()
-def report(
-    scores: list[Path] = typer.Argument(..., help="Score tables or folders of them."),
-    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder."),
-    run: Path = typer.Option(None, help="Run folder (checks the scores came from it)."),
-    top: int = typer.Option(5, help="Credited tracks shown per query."),
-    title: str = typer.Option("Liner notes", help="Report title."),
-) -> None:
-    """Write a static HTML report: clips, credited tracks with players, plots."""
-    from linernotes.report import build_report
-
-    run_hash = None
-    if run is not None:
-        from linernotes.training import load_run
-
-        run_hash = load_run(run).hash
-    index = build_report(out, scores, _manifest(corpus), run_hash=run_hash, top_k=top,
-                         title=title)
-    typer.echo(f"Report: {index}")
-
 
 @app.command()
 def demo(
@@ -302,18 +172,3 @@ def demo(
     run_demo(out, DemoSettings(size=size, seconds=seconds, seed=seed))
 
 
-@app.command()
-def version() -> None:
-    """Print the linernotes version."""
-    from linernotes import __version__
-
-    typer.echo(__version__)
-
-
-def run() -> None:
-    """Entry point that turns LinernotesError into a clean message."""
-    try:
-        app()
-    except LinernotesError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)

@@ -1,0 +1,163 @@
+"""Attribution commands: fisher, methods, attribute, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from linernotes.cli.common import (
+    _manifest,
+    app,
+)
+from linernotes.errors import LinernotesError
+
+
+@app.command()
+def fisher(
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    group: str = typer.Option("transformer", help="Parameter group."),
+    samples: int = typer.Option(0, help="Training samples (0 = all)."),
+    draws: int = typer.Option(2, help="Random draws per sample."),
+) -> None:
+    """Compute (once) the diagonal Fisher of a run; attribution reuses it."""
+    from linernotes import distributed
+    from linernotes.attribution.front import fisher_for, fisher_path, train_set
+    from linernotes.curvature import FisherSettings
+    from linernotes.training import load_run
+
+    distributed.init_from_env()
+    r = load_run(run)
+    settings = FisherSettings(group=group, samples=samples, draws=draws)
+    _, train_ds, _ = train_set(r, _manifest(corpus))
+    f = fisher_for(r, train_ds, settings)
+    typer.echo(f"Fisher over {f.n_examples} examples at {fisher_path(r, settings)}")
+
+
+@app.command()
+def methods(
+    name: str = typer.Argument(None, help="A method: list its --set keys and defaults."),
+) -> None:
+    """List the attribution methods (name, kind, description), or one method's settings."""
+    from linernotes.attribution.methods import ALIASES, method_spec, methods_table, setting_keys
+
+    if name is None:
+        typer.echo("Attribution methods (linernotes attribute --method NAME):")
+        for row in methods_table().itertuples():
+            note = "" if row.available == "yes" else f"  [not here: {row.available}]"
+            typer.echo(f"  {row.method:21s} {row.kind:15s} {row.description}{note}")
+        typer.echo("Aliases: " + ", ".join(f"{a} = {b}" for a, b in ALIASES.items())
+                   + ". Settings of one method: linernotes methods NAME.")
+        return
+    spec = method_spec(name)
+    typer.echo(f"{spec.name} ({spec.kind}): {spec.description}")
+    if spec.missing():
+        typer.echo(f"Not available here: {spec.missing()}")
+    keys = setting_keys(spec.name)
+    if not keys:
+        typer.echo("No settings.")
+    for key, default in keys.items():
+        typer.echo(f"  --set {key}={default}")
+
+
+@app.command()
+def attribute(
+    queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
+                                        "(with --caption) or train:<track id>."),
+    method: str = typer.Option("unlearning", "--method", "-m", help="Attribution method: "
+                               "unlearning, trak, dtrak, tracin, fisher-influence, representer, "
+                               "clap-audio, clap-text, basic-pitch, chroma-mfcc, lpips-dit, "
+                               "dattri-*, kronfluence-* (see `linernotes methods`)."),
+    sets: list[str] = typer.Option(None, "--set", help="KEY=VALUE setting of the method "
+                                   "(repeatable; `linernotes methods NAME` lists the keys)."),
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("scores"), "--out", "-o", help="Folder for score tables."),
+    caption: str = typer.Option(None, help="Caption for a plain audio query."),
+    top: int = typer.Option(5, help="How many credited tracks to print."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    group: str = typer.Option("transformer", help="Parameters unlearned."),
+    alpha: float = typer.Option(0.0, help="Step size (0 = reach --target-ratio)."),
+    target_ratio: float = typer.Option(1.5, help="Query loss after / before unlearning."),
+    draws: int = typer.Option(1024, help="Draws in the query gradient."),
+    steps: int = typer.Option(1, help="Unlearning steps."),
+    damping: float = typer.Option(1e-3, help="Fisher damping (x mean F)."),
+    mask_query: bool = typer.Option(True, help="M_U: mask the query's padding."),
+    mask_train: bool = typer.Option(False, help="M_L: mask training tracks' padding."),
+    timesteps: int = typer.Option(20, help="Fixed scoring timesteps per track."),
+    stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
+    score_kind: str = typer.Option("log-ratio", help="Score from each track's losses before "
+                                   "and after unlearning: log-ratio, or delta (the papers')."),
+) -> None:
+    """Credit the training tracks behind each query (by unlearning it, or with --method)."""
+    from linernotes import distributed
+    from linernotes.attribution.front import attribute_run
+    from linernotes.attribution.losses import ScoreSettings
+    from linernotes.attribution.methods import method_spec, parse_assignments
+    from linernotes.training import load_run
+    from linernotes.unlearning.newton import UnlearnSettings
+
+    spec = method_spec(method)
+    overrides = parse_assignments(sets)
+    unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
+                              steps=steps, damping=damping, mask_query=mask_query)
+    score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train,
+                          kind=score_kind)
+    if spec.name != "unlearning":
+        if unlearn != UnlearnSettings() or score != ScoreSettings():
+            raise LinernotesError(f"The unlearning options (--alpha, --draws, --timesteps, ...) "
+                                  f"apply to --method unlearning only; give {spec.name}'s "
+                                  f"settings with --set (`linernotes methods {spec.name}`).")
+        unlearn = score = None
+    distributed.init_from_env()
+    r = load_run(run)
+    tables = attribute_run(r, _manifest(corpus), queries, out, unlearn, score, caption=caption,
+                           method=spec.name, overrides=overrides)
+    if distributed.rank() == 0:
+        print_credits(tables, top, as_json)
+
+
+def print_credits(tables, top: int, as_json: bool = False, titles=None) -> None:
+    """Print each query's top credited tracks (artist, title, score) under its title."""
+    import json
+
+    if as_json:
+        typer.echo(json.dumps([t.head(top)[["query", "track_id", "rank", "score", "artist",
+                                             "title"]].to_dict("records") for t in tables]))
+        return
+    for i, t in enumerate(tables):
+        typer.secho(f"\n{titles[i] if titles else t['query'][0]}", bold=True)
+        view = t.head(top)[["rank", "artist", "title", "score", "track_id"]].copy()
+        view["score"] = view["score"].map(lambda x: f"{x:.3g}")
+        typer.echo(view.to_string(index=False))
+
+
+@app.command()
+def report(
+    scores: list[Path] = typer.Argument(..., help="Score tables or folders of them."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder."),
+    run: Path = typer.Option(None, help="Run folder (checks the scores came from it)."),
+    top: int = typer.Option(5, help="Credited tracks shown per query."),
+    title: str = typer.Option("Liner notes", help="Report title."),
+    credit: list[Path] = typer.Option(None, "--credit", help="Credit tables of `linernotes "
+                                      "credit` (files or folders): a credit-by-artist panel."),
+) -> None:
+    """Write a static HTML report: clips, credited tracks with players, plots."""
+    from linernotes.credit.tables import read_credit
+    from linernotes.report import build_report
+
+    credit_tables = [read_credit(f) for c in credit or []
+                     for f in (sorted(c.glob("*.parquet")) if c.is_dir() else [c])]
+
+    run_hash = None
+    if run is not None:
+        from linernotes.training import load_run
+
+        run_hash = load_run(run).hash
+    index = build_report(out, scores, _manifest(corpus), run_hash=run_hash, top_k=top,
+                         title=title, credit=credit_tables)
+    typer.echo(f"Report: {index}")
+
+

@@ -1,0 +1,116 @@
+"""Artist-level credit: credit, evaluate credit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from linernotes.cli.common import (
+    _manifest,
+    app,
+    evaluate_app,
+    parse_overrides,
+    print_table,
+)
+from linernotes.errors import LinernotesError
+
+
+def _credit_inputs(run: Path, corpus: Path, queries: list[str], caption: str | None):
+    from linernotes.attribution.front import query_from_spec
+    from linernotes.training import load_run
+
+    m = _manifest(corpus)
+    r = load_run(run, manifest=m)
+    store = r.feature_store(m)
+    return r, m, [query_from_spec(q, r, store, m, caption) for q in queries]
+
+
+def _credit_settings(method: str, items: list[str] | None):
+    from linernotes.credit.tables import settings_class
+
+    if method.endswith("-sum"):  # the per-track method's overrides, as `attribute --set`
+        from linernotes.attribution.methods import parse_assignments
+
+        return parse_assignments(items)
+    cls = settings_class(method)
+    if cls is None:
+        if items:
+            raise LinernotesError(f"Method {method!r} takes no --set settings.")
+        return None
+    return parse_overrides(cls, items)
+
+
+@app.command("credit")
+def credit_cmd(
+    queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
+                                        "(with --caption) or train:<track id>."),
+    run: Path = typer.Option(Path("run"), help="Run folder."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("credit"), "--out", "-o", help="Folder for credit tables."),
+    by: str = typer.Option("artist", help="Manifest column defining the groups."),
+    method: str = typer.Option("newton", help="newton, an opt-out method (grad_diff, siss, ...), "
+                               "clap-centroid, unlearning-sum, trak-sum, ... or logo."),
+    settings: list[str] = typer.Option(None, "--set", help="KEY=VALUE setting of the method."),
+    caption: str = typer.Option(None, help="Caption for a plain audio query."),
+    scores: Path = typer.Option(None, help="-sum methods: a folder of `attribute` score "
+                                "tables (<query>.parquet) to sum instead of attributing again."),
+    top: int = typer.Option(10, help="How many groups to print per query."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Credit each query to groups of training tracks (artists), by unlearning each group."""
+    import json
+
+    from linernotes.credit import credit
+
+    r, m, qs = _credit_inputs(run, corpus, queries, caption)
+    given = None
+    if scores is not None:
+        if not method.endswith("-sum") or not scores.is_dir():
+            raise LinernotesError("--scores takes a folder of score tables, with a -sum "
+                                  "method (e.g. --method unlearning-sum).")
+        given = {q.key: scores / f"{q.key}.parquet" for q in qs
+                 if (scores / f"{q.key}.parquet").exists()}
+    tables = credit(r, m, qs, method, by=by, settings=_credit_settings(method, settings),
+                    out_dir=out, track_tables=given)
+    cols = ["rank", "group", "share", "softmax", "score", "elbo", "n_tracks"]
+    if as_json:
+        typer.echo(json.dumps([{"query": q.key, "groups": t.head(top)[cols].to_dict("records")}
+                               for q, t in zip(qs, tables)]))
+        return
+    for q, t in zip(qs, tables):
+        typer.secho(f"\n{q.key}: {q.caption}", bold=True)
+        view = t.head(top)[cols].copy()
+        for c in ("share", "softmax"):
+            view[c] = view[c].map(lambda x: f"{100 * x:.1f}%")
+        for c in ("score", "elbo"):
+            view[c] = view[c].map(lambda x: f"{x:.3g}")
+        typer.echo(view.rename(columns={"group": by}).to_string(index=False))
+    typer.echo(f"\nCredit tables in {out}.")
+
+
+@evaluate_app.command("credit")
+def evaluate_credit_cmd(
+    queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
+                                        "(with --caption) or train:<track id>."),
+    run: Path = typer.Option(Path("run"), help="Run folder (a trained run, not an opt-out)."),
+    corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    out: Path = typer.Option(Path("credit-eval"), "--out", "-o", help="Folder for the results."),
+    by: str = typer.Option("artist", help="Manifest column defining the groups."),
+    methods: str = typer.Option("newton,grad_diff,clap-centroid,unlearning-sum,trak-sum",
+                                help="Comma-separated credit methods compared with LOGO."),
+    caption: str = typer.Option(None, help="Caption for a plain audio query."),
+    k: int = typer.Option(3, help="Cut-off of NDCG@k."),
+) -> None:
+    """Compare group-credit methods with leave-one-group-out retraining (retrains are cached)."""
+    from linernotes.credit import evaluate_credit
+
+    names = [x.strip() for x in methods.split(",") if x.strip()]
+    if not names:
+        raise LinernotesError("--methods names no method.")
+    r, m, qs = _credit_inputs(run, corpus, queries, caption)
+    summary, _ = evaluate_credit(r, m, qs, names, by, out_dir=out, k=k)
+    print_table(summary.round(4), f"Group credit vs LOGO over {len(qs)} queries ({by}):")
+    typer.echo(f"Wrote {out / 'credit_eval.parquet'} and the per-query detail beside it.")
+
+

@@ -1,0 +1,127 @@
+"""A query's loss under one model: at fixed draws, and an ELBO-style estimate over many times.
+
+Both use common random numbers keyed by the query, so the loss change between two models (full
+vs group-unlearned, full vs retrained without the group) is a paired difference. Results are
+cached per (query content, settings, model) in the run's credit folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from linernotes.artifacts import hash_json, read_json, write_json
+from linernotes.attribution.gradients import tensor_hash
+from linernotes.attribution.losses import ScoreSettings, track_losses
+from linernotes.attribution.query import Query
+from linernotes.config import Settings, require
+from linernotes.task import Task, draw_noise
+
+ELBO_WEIGHTS = ("v", "elbo")
+
+
+@dataclasses.dataclass(frozen=True)
+class CreditSettings(Settings):
+    """How a query's loss is measured under every model (identically for all of them).
+
+    Fixed draws: the scoring convention of attribution (`timesteps` at `stride` of 1000, one noise
+    per timestep). ELBO-style: a uniform midpoint grid of `elbo_timesteps` times in (0, 1) with
+    `elbo_noise` noises each; weight "v" averages the v-loss uniformly over t (for the cosine
+    schedule a weighted ELBO with a monotone weight), "elbo" weights it by (π/2)·cot(πt/2), the
+    unweighted ELBO of a v-model on the cosine schedule (weights scaled to mean 1).
+    """
+
+    timesteps: int = 20
+    stride: int = 50
+    seed: int = 0
+    mask_query: bool = True  # the query's real frames only
+    elbo_timesteps: int = 32
+    elbo_noise: int = 2
+    elbo_weight: str = "v"
+    batch_size: int = 64  # rows per forward
+
+    def validate(self) -> None:
+        require(self.timesteps >= 1 and self.elbo_timesteps >= 1 and self.elbo_noise >= 1,
+                "timesteps, elbo_timesteps and elbo_noise must be >= 1.")
+        require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
+        require(self.elbo_weight in ELBO_WEIGHTS,
+                f"elbo_weight must be one of {', '.join(ELBO_WEIGHTS)}.")
+        require(self.batch_size >= 1, "batch_size must be >= 1.")
+
+    def score(self) -> ScoreSettings:
+        return ScoreSettings(timesteps=self.timesteps, stride=self.stride, seed=self.seed,
+                             mask_train=self.mask_query, batch_size=1)
+
+
+def elbo_grid(s: CreditSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The ELBO-style estimate's times (midpoint grid) and weights (mean 1)."""
+    k = s.elbo_timesteps
+    t = (np.arange(k) + 0.5) / k
+    w = np.ones(k) if s.elbo_weight == "v" else (math.pi / 2) / np.tan(math.pi * t / 2)
+    return t, w / w.mean()
+
+
+def _item(query: Query) -> dict:
+    return {"features": query.features, "mask": query.mask, "caption": query.caption,
+            "track_id": query.key, "index": -1}
+
+
+@torch.inference_mode()
+def query_losses(task: Task, model: nn.Module, query: Query, s: CreditSettings) -> dict:
+    """{"fixed": loss at the fixed draws, "elbo": the ELBO-style estimate} of one model."""
+    was = model.training
+    model.eval()
+    try:
+        fixed = float(track_losses(task, model, [_item(query)], s.score())[0])
+        grid, weights = elbo_grid(s)
+        n = len(grid) * s.elbo_noise
+        t, noise = draw_noise([query.key], range(n), task.latent_shape, seed=s.seed + 7919,
+                              timesteps=grid.tolist())
+        losses = []
+        for lo in range(0, n, s.batch_size):
+            hi = min(n, lo + s.batch_size)
+            losses.append(task.per_sample_loss(model, query.batch(hi - lo), t[0, lo:hi],
+                                               noise[0, lo:hi], s.mask_query))
+        per_draw = torch.cat(losses).double().numpy()
+        elbo = float((per_draw * weights[np.arange(n) % len(grid)]).mean())
+    finally:
+        model.train(was)
+    return {"fixed": fixed, "elbo": elbo}
+
+
+def query_hash(query: Query) -> str:
+    """Content hash of a query (its key, caption, frames and mask)."""
+    return hash_json([query.key, query.caption, tensor_hash([query.features, query.mask.float()])])
+
+
+class LossCache:
+    """Per-query losses of many models, one JSON file per (query, settings) in `folder`."""
+
+    def __init__(self, folder: str | Path, settings: CreditSettings):
+        self.folder, self.s = Path(folder), settings
+
+    def _path(self, query: Query) -> Path:
+        return self.folder / f"{query_hash(query)}-{self.s.hash()}.json"
+
+    def peek(self, query: Query, model_key: str) -> dict | None:
+        """The cached losses of `query` under `model_key`, or None."""
+        path = self._path(query)
+        return read_json(path)["models"].get(model_key) if path.exists() else None
+
+    def get(self, task: Task, model: nn.Module, query: Query, model_key: str) -> dict:
+        """The query's losses under `model` (named `model_key`), computed once."""
+        path = self._path(query)
+        data = read_json(path) if path.exists() else {"query": query.key, "models": {}}
+        if model_key not in data["models"]:
+            t0 = time.perf_counter()
+            entry = query_losses(task, model, query, self.s)
+            entry["seconds"] = time.perf_counter() - t0
+            data["models"][model_key] = entry
+            write_json(path, data)
+        return data["models"][model_key]
