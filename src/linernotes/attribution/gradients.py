@@ -4,7 +4,8 @@ Each training track's feature is the gradient of its Task loss (or of D-TRAK's o
 the mean squared model output) averaged over fixed (timestep, noise) draws keyed by its id, over
 one parameter group, optionally scaled per parameter (e.g. by D^{1/2}) and projected to k
 dimensions by a seeded Gaussian or Rademacher matrix generated chunk by chunk (never held whole
-unless small). The features are written in shards with provenance and reused by every query.
+unless small), or by a seeded sparse map (s non-zeros per parameter, cheap for one vector).
+The features are written in shards with provenance and reused by every query.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ if TYPE_CHECKING:
     from linernotes.unlearning.newton import UnlearnSettings
 
 OUTPUTS = ("loss", "dtrak")
-PROJECTIONS = ("rademacher", "gaussian")
+PROJECTIONS = ("rademacher", "gaussian", "sparse")
 BACKENDS = ("auto", "loop", "vmap")
 #: rows of the projection matrix generated from one seed (part of the projection's identity)
 CHUNK_ROWS = 4096
+#: non-zeros per parameter of the "sparse" projection (see `Projector`): 4 keeps the error
+#: tails of heavy-tailed gradients near the dense map's (1 does not; benchmarks/projection.py)
+SPARSE_NNZ = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,34 +98,65 @@ class GradientSettings(Settings):
 
 
 class Projector:
-    """x ↦ x R / sqrt(k) with R (P × k) Gaussian or Rademacher, made in seeded chunks of rows.
+    """x ↦ x R with E[R Rᵀ] = I: dense Gaussian or Rademacher entries / √k, or a sparse map.
 
-    Chunk c of R depends only on (seed, c, kind, k), so queries and training tracks see the same
-    matrix whatever the batching. `dim == 0` is the identity (exact features).
+    Dense R (P × k) is made in seeded chunks of rows: chunk c depends only on (seed, c, kind, k), so
+    queries and training tracks see the same matrix whatever the batching. Held whole only when
+    P·k·4 bytes fit `cache_bytes`; otherwise regenerated on every call (P·k random numbers).
+
+    "sparse" is a sparse Johnson-Lindenstrauss map (CountSketch for nnz = 1): parameter j adds
+    ±x_j/√s to s buckets, one drawn uniformly in each of s blocks of [0, k) (distinct buckets),
+    signs and buckets independent across j. For x, y: E⟨Πx, Πy⟩ = ⟨x, y⟩, with the same
+    variance as the dense Rademacher map, (‖x‖²‖y‖² + ⟨x, y⟩² − 2 Σ x_j² y_j²) / k. Its map
+    (P·s int32 buckets and int8 signs) is made in the same seeded chunks of CHUNK_ROWS
+    parameters, kept after first use, and applied with `index_add_`: O(B·P·s), no P × k matrix.
+    `dim == 0` is the identity (exact features).
     """
 
     def __init__(self, n_params: int, dim: int, kind: str = "rademacher", seed: int = 0,
-                 cache_bytes: int = 256 << 20):
+                 cache_bytes: int = 256 << 20, nnz: int = SPARSE_NNZ):
+        if kind not in PROJECTIONS:
+            raise LinernotesError(f"Unknown projection {kind!r}; choose one of "
+                                  f"{', '.join(PROJECTIONS)}.")
+        if kind == "sparse" and nnz < 1:
+            raise LinernotesError(f"A sparse projection needs nnz >= 1 non-zeros per parameter, "
+                                  f"not {nnz}.")
         self.n_params, self.dim, self.kind, self.seed = n_params, dim, kind, seed
+        self.nnz = min(nnz, dim) if kind == "sparse" else 0  # s <= k: s distinct buckets
         self.cache = n_params * dim * 4 <= cache_bytes
         self._chunks: dict[int, torch.Tensor] = {}
+        self._map: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def out_dim(self) -> int:
         return self.dim or self.n_params
 
+    @property
+    def n_chunks(self) -> int:
+        return (self.n_params + CHUNK_ROWS - 1) // CHUNK_ROWS
+
     def key(self) -> dict:
-        return {"dim": self.dim, "kind": self.kind, "seed": self.seed, "rows": CHUNK_ROWS,
-                "n_params": self.n_params}
+        key = {"dim": self.dim, "kind": self.kind, "seed": self.seed, "rows": CHUNK_ROWS,
+               "n_params": self.n_params}
+        if self.kind == "sparse":
+            key["nnz"] = self.nnz
+        return key
+
+    def _generator(self, c: int) -> torch.Generator:
+        ident = f"{self.seed}\x1f{c}\x1f{self.kind}\x1f{self.dim}"
+        if self.kind == "sparse":
+            ident += f"\x1f{self.nnz}"
+        digest = hashlib.blake2b(ident.encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
     def chunk(self, c: int) -> torch.Tensor:
-        """Rows [c·CHUNK_ROWS, (c+1)·CHUNK_ROWS) of R / sqrt(k)."""
+        """Rows [c·CHUNK_ROWS, (c+1)·CHUNK_ROWS) of dense R / sqrt(k)."""
+        if self.kind == "sparse":
+            raise LinernotesError("A sparse projection has no dense chunks; use sparse_chunk.")
         if c in self._chunks:
             return self._chunks[c]
         rows = min(CHUNK_ROWS, self.n_params - c * CHUNK_ROWS)
-        digest = hashlib.blake2b(f"{self.seed}\x1f{c}\x1f{self.kind}\x1f{self.dim}".encode(),
-                                 digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+        gen = self._generator(c)
         if self.kind == "gaussian":
             r = torch.randn(rows, self.dim, generator=gen)
         else:
@@ -132,12 +167,55 @@ class Projector:
             self._chunks[c] = r
         return r
 
+    def sparse_chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets (rows, s) int32 and signs (rows, s) int8 of parameters in chunk c.
+
+        Column b's bucket is uniform in block b, [b·k//s, (b+1)·k//s), so a parameter's s
+        buckets are distinct.
+        """
+        rows = min(CHUNK_ROWS, self.n_params - c * CHUNK_ROWS)
+        gen = self._generator(c)
+        s, k = self.nnz, self.dim
+        buckets = torch.empty(rows, s, dtype=torch.int32)
+        for b in range(s):
+            lo, hi = b * k // s, (b + 1) * k // s
+            buckets[:, b] = torch.randint(lo, hi, (rows,), generator=gen, dtype=torch.int32)
+        signs = torch.randint(0, 2, (rows, s), generator=gen, dtype=torch.int8).mul_(2).sub_(1)
+        return buckets, signs
+
+    def sparse_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole sparse map: buckets (P, s) int32 and signs (P, s) int8, made once."""
+        if self._map is None:
+            parts = [self.sparse_chunk(c) for c in range(self.n_chunks)]
+            self._map = (torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts]))
+        return self._map
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        buckets, signs = self.sparse_map()
+        out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32)
+        scale = self.nnz ** -0.5
+        # columns in blocks: bounded temporaries; each bucket still sums its parameters in
+        # index order, so a row's projection does not depend on the rows beside it
+        step = max(CHUNK_ROWS, (1 << 22) // max(x.shape[0], 1))
+        for lo in range(0, self.n_params, step):
+            xs = x[:, lo : lo + step].float()
+            for b in range(self.nnz):
+                idx = buckets[lo : lo + step, b].long()
+                val = signs[lo : lo + step, b].float().mul_(scale)
+                out.index_add_(1, idx, xs * val)
+        return out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Project rows of `x` (B, P) to (B, k)."""
         if self.dim == 0:
             return x
+        if x.shape[-1] != self.n_params:
+            raise LinernotesError(f"The projection is for {self.n_params} parameters, not "
+                                  f"{x.shape[-1]}.")
+        if self.kind == "sparse":
+            return self._sparse(x)
         out = torch.zeros(x.shape[0], self.dim, dtype=torch.float32)
-        for c in range((self.n_params + CHUNK_ROWS - 1) // CHUNK_ROWS):
+        for c in range(self.n_chunks):
             lo = c * CHUNK_ROWS
             out.addmm_(x[:, lo : lo + CHUNK_ROWS].float(), self.chunk(c))
         return out

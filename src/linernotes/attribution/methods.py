@@ -53,7 +53,7 @@ class ProjectionSettings(Settings):
     """The linear mode's stored training gradients: random projection and memory budget."""
 
     projection_dim: int = 2048  # 0 = exact gradients (no projection)
-    projection: str = "rademacher"
+    projection: str = "sparse"  # "sparse" (fast for one query), "rademacher" or "gaussian"
     projection_seed: int = 0
     backend: str = "auto"  # per-sample gradients: "loop", "vmap" or "auto"
     batch_size: int = 8
