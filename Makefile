@@ -39,8 +39,12 @@ system:
 	  fi; \
 	fi
 
+# One torch thread by default: the demo's small model gains little from a second one, and two
+# threads competing with any other busy process run many times slower (DEMO_THREADS=2 to try).
+DEMO_THREADS ?= 1
+
 demo: system $(VENV)/.installed
-	$(BIN)/linernotes demo --out $(DEMO_DIR)
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/linernotes demo --out $(DEMO_DIR)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
