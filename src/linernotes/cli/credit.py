@@ -49,8 +49,8 @@ def credit_cmd(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("credit"), "--out", "-o", help="Folder for credit tables."),
     by: str = typer.Option("artist", help="Manifest column defining the groups."),
-    method: str = typer.Option("newton", help="newton, an opt-out method (grad_diff, siss, ...), "
-                               "clap-centroid, unlearning-sum, trak-sum, ... or logo."),
+    method: str = typer.Option("grad_diff", help="An opt-out method (grad_diff, siss, ...), "
+                               "newton, clap-centroid, unlearning-sum, trak-sum, ... or logo."),
     settings: list[str] = typer.Option(None, "--set", help="KEY=VALUE setting of the method."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     scores: Path = typer.Option(None, help="-sum methods: a folder of `attribute` score "
@@ -97,7 +97,7 @@ def evaluate_credit_cmd(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("credit-eval"), "--out", "-o", help="Folder for the results."),
     by: str = typer.Option("artist", help="Manifest column defining the groups."),
-    methods: str = typer.Option("newton,grad_diff,clap-centroid,unlearning-sum,trak-sum",
+    methods: str = typer.Option("grad_diff,newton,clap-centroid,unlearning-sum,trak-sum",
                                 help="Comma-separated credit methods compared with LOGO."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     k: int = typer.Option(3, help="Cut-off of NDCG@k."),

@@ -1,7 +1,9 @@
 """Credit tables: one row per group for one query and method, ranked, with shares of credit.
 
-`credit` is the front door (`linernotes credit`): group unlearning (newton or any opt-out
-method), the baselines (`baselines.py`) or LOGO retraining (`logo.py`), all in the same table.
+`credit` is the front door (`linernotes credit`): group unlearning (any opt-out method;
+grad_diff by default, the counterfactual method closest to leave-one-artist-out retraining in
+docs/benchmarks.md; or newton), the baselines (`baselines.py`) or LOGO retraining
+(`logo.py`), all in the same table.
 Score = the query's loss change at fixed draws (after − before); `elbo` the same change of the
 ELBO-style estimate; `share` clips negative scores to 0 and divides by the sum (equal shares
 when no group has a positive score); `softmax` is the report's share (`report.normalise`).
@@ -124,7 +126,7 @@ def change_tables(
 
 
 def unlearning_credit(
-    run, manifest: pd.DataFrame, queries: Sequence[Query], method: str = "newton",
+    run, manifest: pd.DataFrame, queries: Sequence[Query], method: str = "grad_diff",
     by: str = "artist", settings: Settings | Mapping[str, Any] | None = None,
     score: CreditSettings | None = None, progress: bool = True,
 ) -> tuple[list[pd.DataFrame], dict]:
@@ -154,7 +156,7 @@ def settings_class(method: str) -> type[Settings] | None:
 
 
 def credit(
-    run, manifest: pd.DataFrame, queries: Sequence[Query], method: str = "newton", *,
+    run, manifest: pd.DataFrame, queries: Sequence[Query], method: str = "grad_diff", *,
     by: str = "artist", settings: Settings | Mapping[str, Any] | None = None,
     score: CreditSettings | None = None, out_dir: str | Path | None = None,
     progress: bool = True, track_tables: Mapping[str, pd.DataFrame | str | Path] | None = None,
