@@ -44,14 +44,19 @@ def write_scores(df: pd.DataFrame, path: str | Path, record: dict | None = None)
     return path
 
 
-def read_scores(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, columns: list[str], what: str, command: str) -> pd.DataFrame:
+    """A Parquet table with at least `columns`, or a clear error naming the command to run."""
     from linernotes.errors import LinernotesError
 
     path = Path(path)
     if not path.exists():
-        raise LinernotesError(f"No score table at {path}; run `linernotes attribute` first.")
+        raise LinernotesError(f"No {what} table at {path}; run `{command}` first.")
     df = pd.read_parquet(path)
-    missing = [c for c in SCORE_COLUMNS if c not in df.columns]
+    missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise LinernotesError(f"{path} is not a linernotes score table (missing {missing}).")
+        raise LinernotesError(f"{path} is not a linernotes {what} table (missing {missing}).")
     return df
+
+
+def read_scores(path: str | Path) -> pd.DataFrame:
+    return read_table(path, SCORE_COLUMNS, "score", "linernotes attribute")

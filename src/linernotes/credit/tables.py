@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from linernotes.artifacts import atomic_path, write_json
 from linernotes.attribution.query import Query
+from linernotes.attribution.scores import read_table, write_scores
 from linernotes.config import Settings
 from linernotes.credit.groups import groups
 from linernotes.credit.losses import CreditSettings, LossCache
@@ -63,23 +63,12 @@ def credit_table(
 def write_credit(table: pd.DataFrame, out_dir: str | Path, record: dict) -> Path:
     """`<out_dir>/<query>.<method>.parquet` and its JSON record beside it."""
     q, m = str(table["query"].iloc[0]), str(table["method"].iloc[0])
-    path = Path(out_dir) / f"{q}.{m}.parquet"
-    with atomic_path(path) as tmp:
-        table.to_parquet(tmp, index=False)
-    write_json(path.with_suffix(".json"), record)
-    return path
+    return write_scores(table, Path(out_dir) / f"{q}.{m}.parquet", record)
 
 
 def read_credit(path: str | Path) -> pd.DataFrame:
     """A credit table written by `write_credit`, checked."""
-    path = Path(path)
-    if not path.exists():
-        raise LinernotesError(f"No credit table at {path}; run `linernotes credit` first.")
-    df = pd.read_parquet(path)
-    missing = [c for c in CREDIT_COLUMNS if c not in df.columns]
-    if missing:
-        raise LinernotesError(f"{path} is not a linernotes credit table (missing {missing}).")
-    return df
+    return read_table(path, CREDIT_COLUMNS, "credit", "linernotes credit")
 
 
 def loss_changes(
