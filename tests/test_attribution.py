@@ -83,6 +83,22 @@ def test_scores_do_not_change_with_batch_size(setup):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_bfloat16_scoring_is_close_to_float32_and_keyed_apart(setup, tmp_path):
+    a = track_losses(setup["task"], setup["model"], setup["train"], FAST_SCORE)
+    bf16 = FAST_SCORE.replace(precision="bfloat16")
+    b = track_losses(setup["task"], setup["model"], setup["train"], bf16)
+    assert not np.array_equal(a, b)  # autocast did run in bfloat16
+    np.testing.assert_allclose(b, a, rtol=0.05)  # bfloat16 keeps 8 bits of mantissa
+    assert FAST_SCORE.draw_key() == {k: v for k, v in bf16.draw_key().items() if k != "precision"}
+    sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], FAST_SCORE,
+                   tmp_path / "l", {"run": "a"}, progress=False)
+    with pytest.raises(LinernotesError, match="other inputs"):  # float32 losses are not reused
+        sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], bf16,
+                       tmp_path / "l", {"run": "a"}, progress=False)
+    with pytest.raises(LinernotesError, match="precision"):
+        ScoreSettings(precision="float16")
+
+
 def test_killed_scoring_resumes_with_identical_losses(setup, tmp_path, monkeypatch):
     full = sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], FAST_SCORE,
                           tmp_path / "ref", {"run": "a"}, progress=False)

@@ -23,6 +23,7 @@ from linernotes.errors import LinernotesError
 from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
 
 SCORE_KINDS = ("log-ratio", "delta")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def score_of(before: np.ndarray, after: np.ndarray, kind: str = "log-ratio") -> np.ndarray:
@@ -55,17 +56,32 @@ class ScoreSettings(Settings):
     batch_size: int = 16  # tracks per batch (x timesteps rows per forward)
     shard_size: int = 512  # tracks per shard on disk
     kind: str = "log-ratio"  # score from the two losses: "log-ratio" or "delta" (the paper's)
+    # forward passes in bfloat16 autocast: 2.1x faster on this machine's CPU (AMX), scores
+    # within the draws' own noise (docs/benchmarks.md, scale section (8)); float32 by default
+    precision: str = "float32"
 
     def validate(self) -> None:
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
+        require(self.precision in PRECISIONS,
+                f"precision must be one of {', '.join(PRECISIONS)}.")
         require(self.timesteps >= 1, "timesteps must be >= 1.")
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1 and self.shard_size >= 1,
                 "batch and shard sizes must be >= 1.")
 
     def draw_key(self) -> dict:
-        return {"timesteps": self.timesteps, "stride": self.stride, "seed": self.seed,
-                "mask_train": self.mask_train}
+        """What the losses depend on (the draws, the masking and a non-default precision)."""
+        key = {"timesteps": self.timesteps, "stride": self.stride, "seed": self.seed,
+               "mask_train": self.mask_train}
+        if self.precision != "float32":
+            key["precision"] = self.precision
+        return key
+
+
+def autocast(model: nn.Module, precision: str):
+    """The autocast context of `precision` on the model's device (a no-op for float32)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
 @torch.inference_mode()
@@ -80,7 +96,8 @@ def track_losses(
     for batch in loader:
         t, noise = draw_noise(batch["track_id"], range(settings.timesteps), task.latent_shape,
                               seed=settings.seed, timesteps=ts)
-        losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
+        with autocast(model, settings.precision):
+            losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
         out[pos : pos + len(losses)] = losses.double().numpy()
         pos += len(losses)
     return out

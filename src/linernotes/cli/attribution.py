@@ -89,6 +89,8 @@ def attribute(
     stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
     score_kind: str = typer.Option("log-ratio", help="Score from each track's losses before "
                                    "and after unlearning: log-ratio, or delta (the papers')."),
+    precision: str = typer.Option("float32", help="Scoring forwards in float32 or bfloat16 "
+                                  "(autocast; 2x faster on CPUs with AMX, GPUs)."),
 ) -> None:
     """Credit the training tracks behind each query (by unlearning it, or with --method)."""
     from linernotes import distributed
@@ -103,7 +105,7 @@ def attribute(
     unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
                               steps=steps, damping=damping, mask_query=mask_query)
     score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train,
-                          kind=score_kind)
+                          kind=score_kind, precision=precision)
     if spec.name != "unlearning":
         if unlearn != UnlearnSettings() or score != ScoreSettings():
             raise LinernotesError(f"The unlearning options (--alpha, --draws, --timesteps, ...) "
