@@ -394,3 +394,14 @@ def test_caches_filled_in_inference_mode_serve_gradients(corpus):
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
     assert len(grads) > len(params) // 2 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_log_seconds_leaves_out_the_pause_of_a_resumed_run(tmp_path):
+    import json
+
+    from linernotes.training import log_seconds
+
+    times = [0.0, 1.0, 2.0, 3.0, 1000.0, 1001.0]  # killed after step 3, resumed much later
+    log = tmp_path / "losses.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "time": x}) + "\n" for i, x in enumerate(times)))
+    assert log_seconds(log) == pytest.approx(6.0)

@@ -182,6 +182,46 @@ def test_gradient_ascent_raises_forget_loss(setup, tmp_path):
         run.task, run.model, ds, 5).mean()
 
 
+def test_concept_ablation_moves_forget_captions_to_the_anchor(setup, tmp_path):
+    from linernotes.data.dataset import TrackDataset, collate
+    from linernotes.unlearning.trainer import random_draws
+
+    run, df = setup["run"], setup["manifest"]
+    new = optout(run, df, "artist=Gamma", "concept_ablation",
+                 {"steps": 10, "lr": 1e-3, "anchor": "null", "retain_weight": 0.0}, tmp_path / "ca",
+                 progress=False)
+    forget = resolve_forget_set(df, "artist=Gamma")
+    pos = {t: i for i, t in enumerate(df["track_id"])}
+    ds = TrackDataset(run.feature_store(df, progress=False), df,
+                      [pos[t] for t in forget.forget_ids])
+    batch = collate([ds[i] for i in range(len(ds))])
+    t, noise = random_draws(run.task, len(ds), 7, 0, 1)
+    null = dict(batch, drop_cond=torch.ones(len(ds), dtype=torch.bool))
+
+    def gap(model) -> float:  # forget captions' predictions vs the original's null predictions
+        with torch.no_grad():
+            return float((run.task.prediction(model, batch, t, noise)
+                          - run.task.prediction(run.model, null, t, noise)).pow(2).mean())
+
+    assert gap(new.model) < 0.3 * gap(run.model)  # measured: 0.030 -> 0.003
+
+
+def test_task_without_prediction_is_a_clear_error():
+    from linernotes.task import Task
+
+    class LossOnly(Task):
+        latent_shape = (4, 4)
+
+        def per_sample_loss(self, model, batch, t, noise, mask_padding=False):
+            return torch.zeros(len(t))
+
+        def parameter_names(self, model, group):
+            return []
+
+    with pytest.raises(LinernotesError, match="Task.prediction"):
+        LossOnly().prediction(None, {}, torch.zeros(1), torch.zeros(1, 4, 4))
+
+
 def test_gap_stopping_rule_ends_ascent_early(setup, tmp_path):
     new = optout(setup["run"], setup["manifest"], "artist=Gamma", "gradient_ascent",
                  {"steps": 60, "lr": 3e-3, "check_every": 2}, tmp_path / "stop", progress=False)
@@ -288,7 +328,7 @@ def test_audit_table_rows_columns_and_retrained_reference(setup, tmp_path, monke
 def test_trainer_module_registry_is_complete():
     assert set(trainer_mod.METHOD_MODULES) == {
         "gradient_ascent", "random_label", "grad_diff", "ewc", "selective_amnesia", "salun",
-        "siss", "mirrored"}
+        "siss", "mirrored", "concept_ablation"}
     assert set(available_methods()) == set(trainer_mod.METHOD_MODULES)
     for cls in available_methods().values():
         assert cls.summary and cls.settings_class().steps >= 1

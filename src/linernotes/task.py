@@ -44,8 +44,21 @@ class Task(abc.ABC):
 
         `batch` holds at least "features" (B, *latent_shape), "mask" (B, n_frames) bool and
         "caption" (list of B strings). With `mask_padding`, padded frames do not count.
-        Returns a (B,) tensor.
+        Returns a (B,) tensor. Scoring may call it under bfloat16 autocast
+        (`ScoreSettings.precision`): compute the error from `prediction.float()`.
         """
+
+    def prediction(
+        self, model: nn.Module, batch: dict, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's output (B, ...) for the noised batch: what `per_sample_loss` compares with
+        its target. Optional: only methods that steer one caption's predictions towards
+        another's need it (opt-out's `concept_ablation`)."""
+        from linernotes.errors import LinernotesError
+
+        raise LinernotesError(f"{type(self).__name__} does not implement Task.prediction, which "
+                              "this method needs; implement it (the model's output for the "
+                              "noised batch) or choose another method.")
 
     @abc.abstractmethod
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:

@@ -205,6 +205,21 @@ def _optimizer(params: dict[str, nn.Parameter], s: TrainSettings) -> torch.optim
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2))
 
 
+def log_seconds(path: Path) -> float:
+    """Training seconds recorded in a loss log, without the pauses of interrupted runs.
+
+    A resumed run's wall clock covers only its last part; the log's per-step times cover all of
+    it. Gaps over 20x the median step time (a kill and a resume) count as one median step.
+    """
+    times = np.array([json.loads(line)["time"] for line in Path(path).read_text().splitlines()
+                      if line.strip()], dtype=np.float64)
+    if len(times) < 2:
+        return math.nan
+    gaps = np.diff(np.sort(times))
+    step = float(np.median(gaps))
+    return float(np.where(gaps > 20 * step, step, gaps).sum() + step)
+
+
 def _trim_log(path: Path, upto: int) -> None:
     if not path.exists():
         return

@@ -28,7 +28,16 @@ from linernotes.data.dataset import TrackDataset, collate
 from linernotes.data.manifest import read_manifest
 from linernotes.errors import LinernotesError
 from linernotes.models.pipeline import GenerateSettings, generate, sample_latents
-from linernotes.training import CHECKPOINT, RUN_CONFIG, Run, TrainSettings, load_run, train
+from linernotes.training import (
+    CHECKPOINT,
+    LOSS_LOG,
+    RUN_CONFIG,
+    Run,
+    TrainSettings,
+    load_run,
+    log_seconds,
+    train,
+)
 from linernotes.unlearning.forget import ForgetSet, ForgetSpec, resolve_forget_set
 from linernotes.unlearning.trainer import read_record, removed_tracks
 
@@ -140,8 +149,9 @@ def retrain_reference(
     folder = Path(cache_dir or Path(original.path) / "retrained") / key
     record = folder / "retrain.json"
     if (folder / RUN_CONFIG).exists():
-        seconds = read_json(record).get("seconds", math.nan) if record.exists() else math.nan
-        return load_run(folder, manifest=manifest), float(seconds)
+        rec = read_json(record) if record.exists() else {}
+        seconds = log_seconds(folder / LOSS_LOG) if rec.get("resumed") else rec.get("seconds")
+        return load_run(folder, manifest=manifest), float(seconds or math.nan)
     from linernotes.models.denoiser import DenoiserConfig
 
     resumed = (folder / CHECKPOINT).exists()
@@ -149,6 +159,8 @@ def retrain_reference(
     run = train(manifest, folder, s, DenoiserConfig.from_dict(original.config["model"]["config"]),
                 original.features, clap=Path(original.path) / "clap", progress=progress)
     seconds = time.perf_counter() - started
+    if resumed:  # this call's wall clock covers only the part after the resume
+        seconds = log_seconds(folder / LOSS_LOG)
     write_json(record, {"seconds": seconds, "resumed": resumed, "forget_ids": list(
         forget.forget_ids), "exclude": exclude, "original": original.hash})
     return run, seconds

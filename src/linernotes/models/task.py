@@ -95,15 +95,23 @@ class ReferenceTask(Task):
         """Mean squared v-error per sample over mels and frames (only real frames if asked)."""
         x0 = batch["features"].to(torch.float32)
         noise = noise.to(x0.dtype).view_as(x0)
-        t = t.to(x0.dtype)
-        pred = model(
-            add_noise(x0, noise, t), t, self.condition(model, batch), batch.get("drop_cond")
-        )
-        err = (pred - v_target(x0, noise, t)).pow(2).mean(-1)  # (B, T)
+        pred = self.prediction(model, batch, t, noise)
+        err = (pred.float() - v_target(x0, noise, t.to(x0.dtype))).pow(2).mean(-1)  # (B, T)
         if not mask_padding:
             return err.mean(1)
         m = batch["mask"].to(err.dtype)
         return (err * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def prediction(
+        self, model: nn.Module, batch: dict, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoiser's v-prediction (B, T, M) at x_t = add_noise(features, noise, t)."""
+        x0 = batch["features"].to(torch.float32)
+        noise = noise.to(x0.dtype).view_as(x0)
+        t = t.to(x0.dtype)
+        return model(
+            add_noise(x0, noise, t), t, self.condition(model, batch), batch.get("drop_cond")
+        )
 
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:
         """Parameter names of a group: cross_attn_kv, cross_attn, self_attn, transformer, all.

@@ -60,6 +60,7 @@ METHOD_MODULES = (
     "salun",
     "siss",
     "mirrored",
+    "concept_ablation",
 )
 
 # random streams of one step (see `training.step_generator`)
