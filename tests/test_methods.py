@@ -116,7 +116,7 @@ def test_attribute_run_routes_through_the_factory(tiny, tmp_path):
 
 
 def test_default_method_is_the_unlearning_attribution_as_before(tiny, tmp_path):
-    from linernotes.attribution.front import _fisher_group, fisher_for
+    from linernotes.attribution.front import fisher_for, fisher_group
     from linernotes.attribution.losses import ScoreSettings
     from linernotes.attribution.unlearning import UnlearningAttributor
     from linernotes.curvature import FisherSettings
@@ -127,7 +127,7 @@ def test_default_method_is_the_unlearning_attribution_as_before(tiny, tmp_path):
     score = ScoreSettings(timesteps=3, stride=300, batch_size=4)
     [new] = attribute_run(run, manifest, [f"train:{ids[3]}"], tmp_path / "new", unlearn, score,
                           progress=False)
-    fisher = fisher_for(run, train, FisherSettings(group=_fisher_group(unlearn.group)), False)
+    fisher = fisher_for(run, train, FisherSettings(group=fisher_group(unlearn.group)), False)
     by_hand = UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids, fisher,
                                    run.path / "cache", score, progress=False)
     old = by_hand.attribute(query_from_spec(f"train:{ids[3]}", run, store, manifest),
@@ -256,3 +256,30 @@ def test_cli_attribute_with_a_method(tiny, tmp_path):
     res = CliRunner().invoke(app, [*base[3:], "--method", "trak", "--alpha", "1e-6"])
     assert isinstance(res.exception, LinernotesError)
     assert "apply to --method unlearning only" in str(res.exception)
+
+
+def test_settings_parse_values_by_their_annotation():
+    import dataclasses
+
+    from linernotes.config import Settings
+
+    @dataclasses.dataclass(frozen=True)
+    class Example(Settings):
+        count: int = 1
+        rate: float = 0.5
+        flag: bool = False
+        limit: int | None = None
+        sizes: tuple[int, ...] = (1,)
+        name: str = "x"
+
+    assert Example.parse_value("count", " 7 ") == 7
+    assert Example.parse_value("rate", "1e-3") == 1e-3
+    assert Example.parse_value("flag", "on") is True and Example.parse_value("flag", "no") is False
+    assert Example.parse_value("limit", "none") is None and Example.parse_value("limit", "3") == 3
+    assert Example.parse_value("sizes", "4, 8") == (4, 8)
+    assert Example.parse_value("name", "organ") == "organ"
+    for field, text, what in (("count", "many", "an integer"), ("rate", "fast", "a number"),
+                              ("flag", "maybe", "true or false"),
+                              ("sizes", "a,b", "comma-separated int values")):
+        with pytest.raises(ValueError, match=what):
+            Example.parse_value(field, text)

@@ -12,6 +12,7 @@ from linernotes.artifacts import hash_json
 from linernotes.errors import LinernotesError
 
 S = TypeVar("S", bound="Settings")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,35 @@ class Settings:
         if section is not None:
             data = data.get(section, {})
         return cls.from_dict(data)
+
+    @classmethod
+    def parse_value(cls, name: str, text: str) -> Any:
+        """A command-line string as field `name`'s type (read from its annotation).
+
+        Raises ValueError whose message says what the field takes (e.g. "an integer").
+        """
+        kind = {f.name: f for f in dataclasses.fields(cls)}[name].type
+        kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        text = text.strip()
+        if "None" in kind and text.lower() in ("none", ""):
+            return None
+        if kind.startswith("bool"):
+            if text.lower() not in TRUE + FALSE:
+                raise ValueError("true or false")
+            return text.lower() in TRUE
+        if kind.startswith("tuple"):
+            conv = float if "float" in kind else int if "int" in kind else str
+            try:
+                return tuple(conv(x.strip()) for x in text.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"comma-separated {conv.__name__} values") from None
+        for conv, what in ((int, "an integer"), (float, "a number")):
+            if kind.startswith(conv.__name__):
+                try:
+                    return conv(text)
+                except ValueError:
+                    raise ValueError(what) from None
+        return text
 
     def replace(self: S, **changes: Any) -> S:
         return dataclasses.replace(self, **changes)

@@ -106,6 +106,6 @@ def attribute_run(
     return attributor.attribute_many(queries, out_dir)
 
 
-def _fisher_group(group: str) -> str:
+def fisher_group(group: str) -> str:
     """The Fisher group that covers `group` (one file then serves several settings)."""
     return "all" if group == "all" else "transformer"

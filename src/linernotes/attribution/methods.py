@@ -111,7 +111,7 @@ class MethodSpec:
 def _fisher_default(resolved: dict[str, Settings]) -> FisherSettings:
     """The Fisher over the group covering the main section's group (one file serves several)."""
     main = next(iter(resolved.values()))
-    return FisherSettings(group=front._fisher_group(main.group))
+    return FisherSettings(group=front.fisher_group(main.group))
 
 
 _FISHER = Section("fisher", FisherSettings, _fisher_default)
@@ -264,35 +264,17 @@ def _place(spec: MethodSpec, key: str) -> tuple[str, str]:
                           f"{' or '.join(f'{s}.{key}' for s in owners)}.")
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def _coerce(cls: type, field: str, value: Any, key: str) -> Any:
     """A `--set` string converted to the field's type (other values pass through)."""
     if isinstance(value, list):
         return tuple(value)
     if not isinstance(value, str):
         return value
-    kind = str(_fields(cls)[field].type)
-    text = value.strip()
     try:
-        if kind == "bool":
-            if text.lower() not in _TRUE + _FALSE:
-                raise ValueError
-            return text.lower() in _TRUE
-        if kind.startswith("tuple"):
-            conv = float if "float" in kind else int if "int" in kind else str
-            return tuple(conv(x.strip()) for x in text.split(",") if x.strip())
-        if "None" in kind and text.lower() in ("none", ""):
-            return None
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
+        return cls.parse_value(field, value)
     except ValueError:
-        raise LinernotesError(f"Setting {key}={value!r}: expected a value of type {kind}."
-                              ) from None
-    return value
+        raise LinernotesError(f"Setting {key}={value!r}: expected a value of type "
+                              f"{_fields(cls)[field].type}.") from None
 
 
 def resolve_settings(

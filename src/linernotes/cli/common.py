@@ -75,27 +75,15 @@ def parse_overrides(settings_class, items: list[str] | None, option: str = "--se
             hint = f" Did you mean {' or '.join(close)}?" if close else ""
             raise LinernotesError(f"{option} {item}: {settings_class.__name__} has no setting "
                                   f"{key!r}.{hint} Settings: {', '.join(sorted(fields))}.")
-        out[key] = _typed_value(key, text, fields[key], option)
+        out[key] = _typed_value(settings_class, key, text, fields[key], option)
     return out
 
 
-def _typed_value(key: str, text: str, default, option: str):
-    bools = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}
-    kind = type(default)
-    if kind is bool:
-        if text.lower() not in bools:
-            raise LinernotesError(f"{option} {key}={text}: {key} takes true or false.")
-        return bools[text.lower()]
-    if kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise LinernotesError(f"{option} {key}={text}: {key} takes {what} "
-                                  f"(default {default}).") from None
-    if kind is tuple:
-        return tuple(x.strip() for x in text.split(",") if x.strip())
-    return text
+def _typed_value(settings_class, key: str, text: str, default, option: str):
+    try:
+        return settings_class.parse_value(key, text)
+    except ValueError as exc:
+        raise LinernotesError(f"{option} {key}={text}: {key} takes {exc} (default {default})."
+                              ) from None
 
 

@@ -42,7 +42,7 @@ def evaluate_consistency(
 
     from linernotes.artifacts import write_json
     from linernotes.attribution.embeddings import track_embeddings
-    from linernotes.attribution.front import _fisher_group, fisher_for, train_set
+    from linernotes.attribution.front import fisher_for, fisher_group, train_set
     from linernotes.attribution.losses import ScoreSettings
     from linernotes.attribution.query import Query
     from linernotes.attribution.unlearning import UnlearningAttributor
@@ -67,7 +67,7 @@ def evaluate_consistency(
         item = train[int(k)]
         chosen.append(Query(item["track_id"], item["features"], item["mask"], item["caption"],
                             source=f"train:{item['track_id']}", track_id=item["track_id"]))
-    fisher = fisher_for(r, train, FisherSettings(group=_fisher_group(group)))
+    fisher = fisher_for(r, train, FisherSettings(group=fisher_group(group)))
     att = UnlearningAttributor(r.task, r.model, r.hash, manifest, train, ids, fisher,
                                Path(r.path) / "cache", score)
     result = self_influence(att, chosen, unlearn, out, dict(zip(ids, emb)), k=top_k)
@@ -144,6 +144,13 @@ def _cf_scores(paths: list[Path], queries) -> object:
     return table[table["query"].isin(keys)]
 
 
+def _retrainer(r, manifest, retrains: Path | None, budget: int | None):
+    """The run's retrain cache (default <run>/retrains), at most `budget` new retrains."""
+    from linernotes.evaluation.counterfactual import Retrainer
+
+    return Retrainer(r, manifest, retrains or Path(r.path) / "retrains", budget, progress=True)
+
+
 @evaluate_app.command("leave-k-out")
 def evaluate_leave_k_out(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
@@ -166,12 +173,11 @@ def evaluate_leave_k_out(
     noises: int = typer.Option(4, help="Noises per timestep."),
 ) -> None:
     """Retrain without each method's top-K tracks: the query's loss increase (vs K random)."""
-    from linernotes.evaluation.counterfactual import EvalDraws, Retrainer, leave_k_out
+    from linernotes.evaluation.counterfactual import EvalDraws, leave_k_out
 
     manifest, r, qs = _cf_setup(run, corpus, queries, caption)
     table = _cf_scores(scores, qs)
-    retrainer = Retrainer(r, manifest, retrains or Path(r.path) / "retrains", budget,
-                          progress=True)
+    retrainer = _retrainer(r, manifest, retrains, budget)
     draws = EvalDraws(timesteps=timesteps, stride=stride, noises=noises)
     res = leave_k_out(r, manifest, qs, table, k, out, retrainer, draws, random, random_seed,
                       generation, log=typer.echo)
@@ -208,13 +214,12 @@ def evaluate_lds(
     noises: int = typer.Option(4, help="Noises per timestep."),
 ) -> None:
     """Linear datamodeling score: scores summed over subsets vs retrained models' losses."""
-    from linernotes.evaluation.counterfactual import EvalDraws, Retrainer
+    from linernotes.evaluation.counterfactual import EvalDraws
     from linernotes.evaluation.lds import LdsSettings, lds_summary, lds_table, subset_losses
 
     manifest, r, qs = _cf_setup(run, corpus, queries, caption)
     table = _cf_scores(scores, qs)
-    retrainer = Retrainer(r, manifest, retrains or Path(r.path) / "retrains", budget,
-                          progress=True)
+    retrainer = _retrainer(r, manifest, retrains, budget)
     s = LdsSettings(subsets=subsets, fraction=fraction, seed=seed, extra_seeds=extra_seeds,
                     paired_subsets=paired_subsets)
     draws = EvalDraws(timesteps=timesteps, stride=stride, noises=noises)
@@ -291,12 +296,10 @@ def evaluate_grid(
         m = SelfRankMetric(r, manifest, [q.removeprefix("train:") for q in queries],
                            progress=True)
     elif metric == "lds":
-        from linernotes.evaluation.counterfactual import Retrainer
         from linernotes.evaluation.lds import LdsSettings, subset_losses
 
         manifest, r, qs = _cf_setup(run, corpus, queries)
-        retrainer = Retrainer(r, manifest, retrains or Path(r.path) / "retrains", budget,
-                              progress=True)
+        retrainer = _retrainer(r, manifest, retrains, budget)
         data = subset_losses(r, manifest, qs, out / "lds", LdsSettings(subsets=subsets,
                              extra_seeds=0), retrainer, log=typer.echo)
         m = LdsMetric(r, manifest, qs, data, progress=True)

@@ -67,11 +67,11 @@ class _Unlearning:
         return query_from_spec(spec, self.run, self.store, self.manifest)
 
     def attributor(self, unlearn: UnlearnSettings, score: ScoreSettings):
-        from linernotes.attribution.front import _fisher_group, fisher_for
+        from linernotes.attribution.front import fisher_for, fisher_group
         from linernotes.attribution.unlearning import UnlearningAttributor
         from linernotes.curvature import FisherSettings
 
-        group = _fisher_group(unlearn.group)
+        group = fisher_group(unlearn.group)
         key = (group, score.hash())
         if key not in self._cache:
             fisher = fisher_for(self.run, self.train, FisherSettings(group=group), self.progress)
