@@ -457,6 +457,12 @@ def main() -> None:
 def measure(args, sizes: list[int], work: Path) -> str:
     from bench_docs import table as md_table
 
+    load = os.getloadavg()[0]  # before this run's own work
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = {f for line in lines if line.startswith("flags") for f in line.split()}
+    found = sorted(flags & {"amx_bf16", "avx512_bf16"})
+    bf16_cpu = f"has {' and '.join(found)}" if found else "has no bfloat16 instructions"
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
     _, train, ids = train_set(run, manifest, progress=False)
@@ -507,9 +513,11 @@ def measure(args, sizes: list[int], work: Path) -> str:
 
     # (4) 1 vs 2 processes (and 1 process on 2 threads)
     print("1 vs 2 processes ...", flush=True)
-    one = scoring_pass(args, work, args.dist_n, sweep, work / "delta.pt", threads=1, nproc=1)
-    two = scoring_pass(args, work, args.dist_n, sweep, work / "delta.pt", threads=1, nproc=2)
-    thr = scoring_pass(args, work, args.dist_n, sweep, work / "delta.pt", threads=2)
+    # ranks take every n-th shard: 16 shards, so that both ranks have work
+    sharded = sweep.replace(shard_size=max(1, -(-args.dist_n // 16)))
+    one = scoring_pass(args, work, args.dist_n, sharded, work / "delta.pt", threads=1, nproc=1)
+    two = scoring_pass(args, work, args.dist_n, sharded, work / "delta.pt", threads=1, nproc=2)
+    thr = scoring_pass(args, work, args.dist_n, sharded, work / "delta.pt", threads=2)
     dist = pd.DataFrame([
         {"layout": "1 process × 1 thread (torchrun)", "scoring pass s": one["seconds"],
          "speed-up": 1.0, "peak RSS MB (rank 0)": one["peak_mb"]},
@@ -571,14 +579,15 @@ def measure(args, sizes: list[int], work: Path) -> str:
     for col in ("scoring pass", "per query"):
         extrap[col] = extrap[col].map(duration)
     n_params = sum(p.numel() for p in run.task.parameters(run.model, unlearn.group).values())
-    machine = f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)"
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, load average {load:.2f} at the "
+               "start" + (" (shared with other jobs: timings are inflated; ratios are measured "
+                          "within this run)" if load > 0.5 else " (otherwise idle)"))
     return f"""## Scale: the cost curve, the linear mode and processes (`benchmarks/scale.py`)
 
 `OMP_NUM_THREADS=1 python benchmarks/scale.py --run {args.run} --corpus {args.corpus}{
 ' --quick' if args.quick else ''}`; {dt.date.today()}, {machine}, torch {torch.__version__},
 {{minutes}} min in all. Model: run `{run.hash}` ({sum(p.numel() for p in run.model.parameters()):,}
-parameters, latent {run.task.latent_shape}); its training set has {len(ids)} tracks. Timings on a
-machine shared with other jobs are inflated; ratios are measured within this run.
+parameters, latent {run.task.latent_shape}); its training set has {len(ids)} tracks.
 
 **Matmul peak (float32, {args.matmul_n}²):** {peak1 / 1e9:.1f} GFLOP/s on 1 thread,
 {peak2 / 1e9:.1f} GFLOP/s on 2 threads{
@@ -633,7 +642,8 @@ costs O(P) whatever k.
 
 ### (4) 1 vs 2 processes
 
-{args.dist_n} tracks, {t_sweep} timestep(s) each, under `torch.distributed.run` (gloo on CPU),
+{args.dist_n} tracks in {-(-args.dist_n // sharded.shard_size)} shards, {t_sweep} timestep(s) each,
+under `torch.distributed.run` (gloo on CPU),
 each rank scoring every other shard and writing its own shard files (identical scores: see
 tests/test_distributed.py).
 
@@ -682,8 +692,8 @@ loop now only seeds and fills in place, with the timesteps computed for all draw
 {n_lin} training tracks × {full_score.timesteps} timesteps, {len(queries)} self-influence queries
 (the unlearning step itself in float32). Each row scores the same unlearned models; the last row
 is float32 under other fixed draws, the scale of change the method has anyway. Self-rank is the
-query's own rank among its scores (1 = best), mean over queries. This CPU has AMX/AVX-512 bf16
-instructions; without them autocast is no faster.
+query's own rank among its scores (1 = best), mean over queries. This CPU {bf16_cpu}; without
+bfloat16 instructions autocast is no faster.
 
 {md_table(bf16, ".3g")}
 
