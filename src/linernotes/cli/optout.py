@@ -55,7 +55,9 @@ def optout_cmd(
     forget_file: Path = typer.Option(None, help="A file of track ids to forget, one per line."),
     run: Path = typer.Option(Path("run"), help="Run to unlearn from (may itself be an opt-out)."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    method: str = typer.Option("grad_diff", help="Unlearning method (--list-methods)."),
+    method: str = typer.Option("concept_ablation", help="Unlearning method (--list-methods); "
+                               "the default came closest to retraining in the audits "
+                               "(docs/benchmarks.md)."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE overrides a method setting."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for the new (unlearned) run."),
     as_json: bool = typer.Option(False, "--json", help="Print the opt-out record as JSON."),
