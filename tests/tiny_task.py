@@ -47,7 +47,7 @@ class TinyDiTTask(Task):
         cond = self.embed(batch["caption"])
         pred = model(a * x0 + s * eps, timestep=t * 1000, encoder_hidden_states=cond,
                      global_hidden_states=cond.mean(1, keepdim=True), return_dict=False)[0]
-        err = ((pred.float() - (a * eps - s * x0)) ** 2).mean(dim=1)  # (B, T)
+        err = ((pred.to(x0.dtype) - (a * eps - s * x0)) ** 2).mean(dim=1)  # (B, T), not bf16
         if mask_padding:
             m = batch["mask"].to(err.dtype)
             return (err * m).sum(1) / m.sum(1).clamp(min=1)

@@ -45,7 +45,7 @@ class Task(abc.ABC):
         `batch` holds at least "features" (B, *latent_shape), "mask" (B, n_frames) bool and
         "caption" (list of B strings). With `mask_padding`, padded frames do not count.
         Returns a (B,) tensor. Scoring may call it under bfloat16 autocast
-        (`ScoreSettings.precision`): compute the error from `prediction.float()`.
+        (`ScoreSettings.precision`): cast the prediction to the input's dtype before the error.
         """
 
     def prediction(

@@ -3,6 +3,11 @@ stopping once the forget loss reaches (1 − tol)·L_null.
 
 L_null is the loss of an untrained model of the same architecture (estimated on retain batches
 unless given): ascent is bounded by "knowing nothing" about the forget tracks.
+
+That bound suits MUCS's attribution (one query, a second model). As an artist opt-out it goes far
+beyond retraining: on the demo model the forget loss ended 12x (J.S. Bach) and 6x (O'Neill's)
+the retrained model's (docs/benchmarks.md). Give `null_loss` (e.g. the mean holdout loss) or
+choose another method for opt-outs.
 """
 
 from __future__ import annotations
