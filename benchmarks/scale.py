@@ -259,8 +259,8 @@ def linear_vs_exact(args, run, manifest, train, ids, fisher, queries, score, unl
     return pd.DataFrame(rows), info
 
 
-def mixed_precision(run, train, fisher, queries, unlearn, score: ScoreSettings, n_train: int
-                    ) -> pd.DataFrame:
+def mixed_precision(run, train, ids, fisher, queries, unlearn, score: ScoreSettings,
+                    n_train: int) -> pd.DataFrame:
     """bfloat16 autocast against float32 on the same queries: a scoring pass's speed and the
     scores' agreement, beside float32 against itself under other draws (the method's own noise)."""
     variants = {"float32": score, "bfloat16 autocast": score.replace(precision="bfloat16"),
@@ -288,14 +288,10 @@ def mixed_precision(run, train, fisher, queries, unlearn, score: ScoreSettings, 
             "loss rel. diff (max)": float(np.max(np.abs(before[name] / before["float32"] - 1))),
             "Spearman vs float32": float(np.mean([spearmanr(a, b)[0] for a, b in pairs])),
             "top-10 overlap vs float32": float(np.mean([top_overlap(a, b) for a, b in pairs])),
-            "self-rank": float(np.mean([1 + np.sum(sc > sc[_self(train, q)])
+            "self-rank": float(np.mean([1 + np.sum(sc > sc[ids.index(q.track_id)])
                                         for sc, q in zip(scores[name], queries)])),
         })
     return pd.DataFrame(rows)
-
-
-def _self(train, query) -> int:
-    return next(i for i in range(len(train)) if train[i]["track_id"] == query.track_id)
 
 
 def many_queries(run, train, score: ScoreSettings, n: int, q: int) -> dict:
@@ -530,7 +526,8 @@ def measure(args, sizes: list[int], work: Path) -> str:
 
     # (8) bfloat16 autocast against float32
     print("mixed precision ...", flush=True)
-    bf16 = mixed_precision(run, lin_train, fisher, queries, unlearn, full_score, len(ids))
+    bf16 = mixed_precision(run, lin_train, lin_ids, fisher, queries, unlearn, full_score,
+                           len(ids))
     bf = bf16.set_index("scoring")
 
     # (6) several unlearned models in one pass; (7) draw_noise

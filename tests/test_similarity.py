@@ -16,7 +16,6 @@ from linernotes.attribution.similarity import (
     basic_pitch_embedding,
     similarity_method,
 )
-from linernotes.data.manifest import read_manifest
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.quality import (
     artist_centroids,
@@ -25,11 +24,8 @@ from linernotes.evaluation.quality import (
     frechet_distance,
     leave_one_out_accuracy,
 )
-from linernotes.models.clap import ClapSettings
-from linernotes.models.denoiser import DenoiserConfig
-from linernotes.training import TrainSettings, train
 
-from conftest import TINY_FEATURES, make_tone_corpus
+from conftest import make_tiny_run
 
 HAS_BASIC_PITCH = (importlib.util.find_spec("basic_pitch") is not None
                    and importlib.util.find_spec("onnxruntime") is not None)
@@ -40,19 +36,7 @@ SELF_FIRST = ("clap-audio", "chroma-mfcc", "basic-pitch", "lpips-dit")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sim")
-    make_tone_corpus(root / "corpus", n_per_artist=5)
-    manifest = read_manifest(root / "corpus")
-    run = train(
-        manifest, root / "run",
-        TrainSettings(steps=4, batch_size=8, warmup=2, checkpoint_every=100),
-        DenoiserConfig(layers=2, heads=2, head_dim=16, kv_heads=1, cross_dim=32,
-                       time_proj_dim=32, max_words=12),
-        TINY_FEATURES,
-        clap_settings=ClapSettings(dim=16, hidden=24, layers=1, steps=4, batch_size=8),
-        progress=False,
-    )
-    return run, manifest
+    return make_tiny_run(tmp_path_factory.mktemp("sim"))
 
 
 def _methods():

@@ -12,6 +12,7 @@ from linernotes.cli.common import (
     evaluate_app,
     print_table,
 )
+from linernotes.config import FALSE, TRUE
 from linernotes.errors import LinernotesError
 
 
@@ -239,9 +240,9 @@ def _cf_values(items: list[str] | None, kind, name: str) -> list:
     out = []
     for x in items or []:
         if kind is bool:
-            if x.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+            if x.lower() not in TRUE + FALSE:
                 raise LinernotesError(f"--{name} takes on/off, not {x!r}.")
-            out.append(x.lower() in ("on", "true", "1", "yes"))
+            out.append(x.lower() in TRUE)
         else:
             try:
                 out.append(kind(x))
