@@ -24,15 +24,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from linernotes.attribution.front import fisher_for, train_set
 from linernotes.attribution.losses import ScoreSettings, track_losses
 from linernotes.attribution.query import Query
 from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import FisherSettings
 from linernotes.data.dataset import collate
 from linernotes.data.manifest import read_manifest
+from linernotes.run import load_run
 from linernotes.task import fixed_timesteps
-from linernotes.training import load_run
 from linernotes.unlearning.newton import UnlearnSettings, applied, unlearn_query
 
 
@@ -60,8 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
-    store, train, ids = train_set(run, manifest, progress=False)
-    fisher = fisher_for(run, train, FisherSettings(), progress=False)
+    store, train, ids = run.train_set(manifest, progress=False)
+    fisher = run.fisher(manifest, FisherSettings(), progress=False)
     score, unlearn = ScoreSettings(), UnlearnSettings()
     queries = []
     for k in np.linspace(0, len(train) - 1, args.queries).astype(int):

@@ -37,13 +37,13 @@ import torch
 from bench_docs import table as md_table
 from bench_docs import write_section
 from linernotes.artifacts import read_json, write_json
-from linernotes.attribution.front import query_from_spec, train_set
+from linernotes.attribution.front import query_from_spec
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.scores import read_scores, score_table, write_scores
+from linernotes.cli.demo import DEMO_ARTISTS, DemoSettings
+from linernotes.clips import generate
 from linernotes.corpus.build import build_corpus
-from linernotes.data.features import FeatureSettings
-from linernotes.demo import DEMO_ARTISTS, DemoSettings
-from linernotes.evaluation.counterfactual import RANDOM, EvalDraws, Retrainer, leave_k_out
+from linernotes.evaluation.counterfactual import RANDOM, EvalDraws, leave_k_out
 from linernotes.evaluation.grid import LdsMetric, best_point, grid_points, grid_search
 from linernotes.evaluation.lds import (
     LdsSettings,
@@ -55,8 +55,11 @@ from linernotes.evaluation.lds import (
 from linernotes.evaluation.quality import artist_centroids, assignment_accuracy
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.models.pipeline import GenerateSettings, generate
-from linernotes.training import TrainSettings, train
+from linernotes.models.mel import FeatureSettings
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train
+from linernotes.run import Retrainer
+from linernotes.training import TrainSettings
 from linernotes.unlearning.newton import UnlearnSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +162,7 @@ def folder(root: Path, name: str, settings=None) -> Path:
 
 def random_scores(run, manifest, queries, out_dir: Path) -> pd.DataFrame:
     """Seeded standard-normal scores per query: the 'random' method."""
-    _, _, ids = train_set(run, manifest, progress=False)
+    _, _, ids = run.train_set(manifest, progress=False)
     parts = []
     for i, q in enumerate(queries):
         path = out_dir / f"{q.key}.parquet"
@@ -195,7 +198,7 @@ def base_model(s: Scale, work: Path):
     timing = work / "base_seconds.json"
     t0 = time.perf_counter()
     # the CLAP is trained first (once); the denoiser's training time is one retrain's cost
-    from linernotes.training import train_clap
+    from linernotes.models.reference import train_clap
 
     train_clap(manifest, work / "clap", s.clap, s.features, progress=False)
     t1 = time.perf_counter()
@@ -230,20 +233,19 @@ def make_queries(s: Scale, run, manifest, work: Path):
 
 def model_check(run, manifest, queries, artists) -> str:
     """Does the model learn its data? train vs holdout loss, artist accuracy of its clips."""
-    from linernotes.attribution.embeddings import track_embeddings
+    from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
     from linernotes.attribution.losses import track_losses
     from linernotes.data.dataset import TrackDataset, split_rows
 
-    store, train_ds, _ = train_set(run, manifest, progress=False)
+    store, train_ds, _ = run.train_set(manifest, progress=False)
     hold = TrackDataset(store, manifest, split_rows(manifest, "holdout"))
     sc = ScoreSettings(timesteps=10, stride=100)
     l_train = float(track_losses(run.task, run.model, train_ds, sc).mean())
     l_hold = float(track_losses(run.task, run.model, hold, sc).mean())
     emb = track_embeddings(run, store, train_ds.rows)
     cents = artist_centroids(emb, manifest["artist"].to_numpy()[train_ds.rows])
-    with torch.no_grad():
-        gen = np.concatenate([run.clap.embed_audio(q.features[None].float(), q.mask[None])
-                              .numpy() for q in queries])
+    gen = np.concatenate([audio_embeddings(run, q.features[None], q.mask[None])
+                          for q in queries])
     acc, chance = assignment_accuracy(gen, artists[: len(queries)], cents)
     return (f"final training loss {run.config['final_loss']:.3f}; loss at fixed draws: train "
             f"tracks {l_train:.3f}, holdout tracks {l_hold:.3f}; generated queries assigned "
@@ -390,7 +392,7 @@ def main() -> None:
     secs = {m: seconds_per_query(folders[m], evaluated) for m in methods}
 
     say("== self-rank (training tracks as queries)")
-    store, _, ids = train_set(run, manifest, progress=False)
+    store, _, ids = run.train_set(manifest, progress=False)
     picks = [ids[i] for i in np.linspace(0, len(ids) - 1, s.self_rank).round().astype(int)]
     tq = [query_from_spec(f"train:{t}", run, store, manifest) for t in picks]
     self_rank = {}

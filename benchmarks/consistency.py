@@ -19,14 +19,13 @@ import pandas as pd
 import torch
 
 from linernotes.attribution.embeddings import track_embeddings
-from linernotes.attribution.front import fisher_for, train_set
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
 from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import FisherSettings
 from linernotes.data.manifest import read_manifest
 from linernotes.evaluation.consistency import diverse_tracks, self_influence
-from linernotes.training import load_run
+from linernotes.run import load_run
 from linernotes.unlearning.newton import UnlearnSettings
 
 #: (label, group, M_U, M_L) as in the music paper's table
@@ -55,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
-    store, train, ids = train_set(run, manifest, progress=False)
+    store, train, ids = run.train_set(manifest, progress=False)
     emb = track_embeddings(run, store, train.rows)
     chosen = diverse_tracks(emb, args.queries, seed=0)
     embeddings = dict(zip(ids, emb))
@@ -64,7 +63,7 @@ def main() -> None:
         item = train[int(k)]
         queries.append(Query(item["track_id"], item["features"], item["mask"], item["caption"],
                              source=f"train:{item['track_id']}", track_id=item["track_id"]))
-    fisher = fisher_for(run, train, FisherSettings(group="transformer"), progress=False)
+    fisher = run.fisher(manifest, FisherSettings(group="transformer"), progress=False)
     out = args.out or Path(run.path) / "benchmarks" / "consistency"
     rows = []
     for i, (label, group, m_u, m_l) in enumerate(CONFIGS):

@@ -28,16 +28,18 @@ import torch
 
 from bench_docs import table, write_section
 from linernotes.attribution.front import query_from_spec
+from linernotes.cli.demo import DEMO_ARTISTS
+from linernotes.clips import generate
 from linernotes.corpus.build import build_corpus
 from linernotes.credit import CreditSettings, evaluate_credit, groups, logo_runs
 from linernotes.credit.unlearn import OPTOUT_BUDGET, NewtonGroupSettings
-from linernotes.data.features import FeatureSettings
 from linernotes.data.manifest import read_manifest
-from linernotes.demo import DEMO_ARTISTS
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.models.pipeline import GenerateSettings, generate
-from linernotes.training import TrainSettings, train
+from linernotes.models.mel import FeatureSettings
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train
+from linernotes.training import TrainSettings
 from linernotes.unlearning.trainer import available_methods
 
 ROOT = Path(__file__).resolve().parents[1]

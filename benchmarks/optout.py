@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from bench_docs import write_section
+from linernotes.cli.demo import DEMO_ARTISTS, DemoSettings
 from linernotes.corpus.build import build_corpus
-from linernotes.data.features import FeatureSettings
-from linernotes.demo import DEMO_ARTISTS, DemoSettings
 from linernotes.evaluation.audit import EMBEDDERS, AuditSettings, audit
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.training import TrainSettings, train
+from linernotes.models.mel import FeatureSettings
+from linernotes.models.reference import train
+from linernotes.training import TrainSettings
 from linernotes.unlearning.trainer import available_methods, method_settings, optout
 
 ROOT = Path(__file__).resolve().parents[1]

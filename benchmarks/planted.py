@@ -17,12 +17,14 @@ import pandas as pd
 
 from linernotes.attribution.front import attribute_run
 from linernotes.attribution.losses import score_of
+from linernotes.clips import generate
 from linernotes.data.dataset import split_rows
-from linernotes.data.features import FeatureSettings
 from linernotes.data.manifest import read_manifest
 from linernotes.models.clap import ClapSettings
-from linernotes.models.pipeline import GenerateSettings, generate
-from linernotes.training import TrainSettings, train
+from linernotes.models.mel import FeatureSettings
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train
+from linernotes.training import TrainSettings
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ from scipy.stats import spearmanr
 from torch.utils.data import Subset
 
 from bench_docs import table
-from linernotes.attribution.front import fisher_for, train_set
 from linernotes.attribution.gradient_methods import _matvec
 from linernotes.attribution.gradients import Projector
 from linernotes.attribution.linear import LinearUnlearningAttributor
@@ -34,7 +33,7 @@ from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
 from linernotes.curvature import FisherSettings
 from linernotes.data.manifest import read_manifest
-from linernotes.training import load_run
+from linernotes.run import load_run
 from linernotes.unlearning.newton import UnlearnSettings
 
 
@@ -72,8 +71,8 @@ def one_vector(n_params: int, dims: list[int], nnz: list[int]) -> pd.DataFrame:
 
 def agreement(args, run, manifest, dims: list[int], nnz: list[int]) -> tuple[pd.DataFrame, dict]:
     """Spearman / top-10 of projected linear scores against unprojected ones, mean over queries."""
-    _, train, ids = train_set(run, manifest, progress=False)
-    fisher = fisher_for(run, train, FisherSettings(), progress=False)
+    _, train, ids = run.train_set(manifest, progress=False)
+    fisher = run.fisher(manifest, FisherSettings(), progress=False)
     n = min(args.tracks, len(ids))
     sub, sub_ids = Subset(train, range(n)), ids[:n]
     score = ScoreSettings(timesteps=args.timesteps, stride=max(1, 1000 // args.timesteps))

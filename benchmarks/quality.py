@@ -13,7 +13,6 @@ speeds. Writes the `quality` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shlex
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 
 from bench_docs import table, write_section
-from linernotes.attribution.embeddings import clap_audio, track_embeddings
+from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
 from linernotes.attribution.query import Query
 from linernotes.attribution.similarity import (
     BASIC_PITCH_DIM,
@@ -36,10 +35,10 @@ from linernotes.attribution.similarity import (
     ChromaMfccSimilarity,
     basic_pitch_embedding,
     chroma_mfcc,
-    frames_to_audio,
     similarity_method,
     track_audio,
 )
+from linernotes.clips import generate, load_clip
 from linernotes.data.audio import load_audio
 from linernotes.data.dataset import split_rows
 from linernotes.data.manifest import audio_path, read_manifest
@@ -49,9 +48,9 @@ from linernotes.evaluation.quality import (
     frechet_distance,
     leave_one_out_accuracy,
 )
-from linernotes.models.denoiser import Denoiser, DenoiserConfig
-from linernotes.models.pipeline import GenerateSettings, generate, load_clip, sample_latents
-from linernotes.training import LOSS_LOG, load_run
+from linernotes.models.pipeline import GenerateSettings, sample_latents
+from linernotes.run import load_run
+from linernotes.training import LOSS_LOG
 
 DASH = "–"
 
@@ -68,21 +67,12 @@ def _prompts(manifest: pd.DataFrame, rows: np.ndarray, per_artist: int) -> tuple
     return prompts, artists
 
 
-def _untrained(run, seed: int):
-    """The run with its denoiser replaced by the same architecture at random init."""
-    torch.manual_seed(seed)
-    described = run.config["model"]
-    model = Denoiser(DenoiserConfig.from_dict(described["config"]), described["n_mels"],
-                     described["clap_dim"]).eval()
-    return dataclasses.replace(run, model=model, hash=f"{run.hash}-untrained")
-
-
 def _bp_of_frames(run, latents: np.ndarray, masks: np.ndarray, n_iter: int) -> np.ndarray:
     """basic-pitch embeddings of frames through the product vocoder (peak-normalised)."""
-    rate = run.features.sample_rate
+    rate = run.family.sample_rate
     out = []
     for x, m in zip(latents, masks):
-        audio = frames_to_audio(run, x, m, n_iter)
+        audio = run.family.decode(x, m, iters=n_iter)
         peak = float(np.abs(audio).max()) if len(audio) else 0.0
         out.append(basic_pitch_embedding(audio * (0.99 / peak) if peak > 0.99 else audio, rate))
     return np.stack(out)
@@ -136,7 +126,7 @@ def _method_agreement(run, manifest: pd.DataFrame, store, rows: np.ndarray) -> p
                           mask=torch.from_numpy(np.array(store.mask[r], dtype=bool)),
                           caption=row["caption"], source=str(audio_path(manifest, row)))
             t1 = time.perf_counter()
-            scores, _ = method.scores(query)
+            scores, _ = method.similarity(query)
             secs.append(time.perf_counter() - t1)
             order = np.argsort(-scores, kind="stable")
             top1.append(train_art[order[0]] == row["artist"])
@@ -181,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     hold_lat = np.stack([store.features(int(r)) for r in rows_hold])
     hold_mask = np.asarray(store.mask[rows_hold], dtype=bool)
     t0 = time.perf_counter()
-    voc_real = [frames_to_audio(run, x, m, n_iter) for x, m in zip(hold_lat, hold_mask)]
+    voc_real = [run.family.decode(x, m, iters=n_iter) for x, m in zip(hold_lat, hold_mask)]
     gl_seconds = (time.perf_counter() - t0) / len(rows_hold)
-    rate = run.features.sample_rate
+    rate = run.family.sample_rate
     bp_hold_voc = np.stack([basic_pitch_embedding(a, rate) for a in voc_real])
     print(f"real embeddings: {time.perf_counter() - t_start:.0f} s", flush=True)
 
@@ -197,18 +187,18 @@ def main(argv: list[str] | None = None) -> None:
     clips = [load_clip(p) for p in paths]
     gen_lat = torch.stack([c.latent for c in clips]).float()
     gen_mask = torch.stack([c.mask for c in clips])
-    clap_gen = clap_audio(run.clap, gen_lat, gen_mask)
+    clap_gen = audio_embeddings(run, gen_lat, gen_mask)
     bp_gen = np.stack([basic_pitch_embedding(load_audio(p, BASIC_PITCH_RATE),
                                                   BASIC_PITCH_RATE) for p in paths])
     # ... and the untrained copy (its latents through the same vocoder)
     t0 = time.perf_counter()
-    blank = _untrained(run, args.seed)
-    n_frames = run.features.n_frames
-    un_lat = torch.cat([sample_latents(blank, prompts[lo : lo + gen.batch_size],
+    blank = run.family.untrained(args.seed)  # the same architecture at random init
+    n_frames = run.task.latent_shape[0]
+    un_lat = torch.cat([sample_latents(blank, run.task, prompts[lo : lo + gen.batch_size],
                                        seeds[lo : lo + gen.batch_size], n_frames, gen)
                         for lo in range(0, len(prompts), gen.batch_size)])
     un_mask = torch.ones(un_lat.shape[:2], dtype=torch.bool)
-    clap_un = clap_audio(run.clap, un_lat, un_mask)
+    clap_un = audio_embeddings(run, un_lat, un_mask)
     t_un = time.perf_counter()
     bp_un = _bp_of_frames(run, un_lat.numpy(), un_mask.numpy(), n_iter)
     un_vocode_seconds = (time.perf_counter() - t_un) / len(prompts)

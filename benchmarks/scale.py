@@ -36,7 +36,6 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, Subset
 
 from linernotes import distributed
-from linernotes.attribution.front import fisher_for, train_set
 from linernotes.attribution.gradient_methods import _matvec
 from linernotes.attribution.linear import LinearUnlearningAttributor
 from linernotes.attribution.losses import ScoreSettings, score_of, sharded_losses, track_losses
@@ -45,8 +44,8 @@ from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import FisherSettings
 from linernotes.data.dataset import collate
 from linernotes.data.manifest import read_manifest
+from linernotes.run import load_run
 from linernotes.task import _key_seed, draw_noise, fixed_timesteps, loss_at_draws
-from linernotes.training import load_run
 from linernotes.unlearning.newton import UnlearnSettings, applied, unlearn_query
 
 PAPER_TRACKS = 115_000
@@ -126,7 +125,7 @@ def worker(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])
     run = load_run(spec["run"])
     manifest = read_manifest(spec["corpus"])
-    _, train, ids = train_set(run, manifest, progress=False)
+    _, train, ids = run.train_set(manifest, progress=False)
     idx = [k % len(train) for k in range(spec["n"])]
     names = [f"{ids[i]}#{k}" for k, i in enumerate(idx)]
     score = ScoreSettings(**spec["score"])
@@ -461,8 +460,8 @@ def measure(args, sizes: list[int], work: Path) -> str:
     bf16_cpu = f"has {' and '.join(found)}" if found else "has no bfloat16 instructions"
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
-    _, train, ids = train_set(run, manifest, progress=False)
-    fisher = fisher_for(run, train, FisherSettings(), progress=False)
+    _, train, ids = run.train_set(manifest, progress=False)
+    fisher = run.fisher(manifest, FisherSettings(), progress=False)
     full_score = ScoreSettings(timesteps=2, stride=400) if args.quick else ScoreSettings()
     unlearn = UnlearnSettings(draws=args.draws, probe_draws=16 if args.quick else 64)
     n_lin = min(len(ids), 24) if args.quick else len(ids)

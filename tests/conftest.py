@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from linernotes.data.features import FeatureSettings
 from linernotes.data.manifest import read_manifest, write_manifest
+from linernotes.models.mel import FeatureSettings
 
 TITLES = ["Morning", "River", "Lantern", "Harbour", "Orchard", "Meadow", "Falcon", "Ember"]
 TINY_FEATURES = FeatureSettings(seconds=2.0, n_fft=512, hop_length=500, n_mels=16, fmax=4000.0)
@@ -53,7 +53,8 @@ def make_tiny_run(root: Path, n_per_artist: int = 5, steps: int = 4):
     few steps (enough for every method to run, not to learn): (run, manifest)."""
     from linernotes.models.clap import ClapSettings
     from linernotes.models.denoiser import DenoiserConfig
-    from linernotes.training import TrainSettings, train
+    from linernotes.models.reference import train
+    from linernotes.training import TrainSettings
 
     make_tone_corpus(root / "corpus", n_per_artist=n_per_artist)
     manifest = read_manifest(root / "corpus")

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from linernotes.data.features import FeatureStore
-from linernotes.training import load_run, train
+from linernotes.models.reference import train
+from linernotes.run import load_run
 from linernotes.unlearning.forget import resolve_forget_set
 from test_optout import TINY_CLAP, TINY_DIT, TINY_TRAIN
 

@@ -11,18 +11,15 @@ import pytest
 from linernotes.attribution.front import query_from_spec
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.scores import score_table, write_scores
+from linernotes.clips import generate
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.counterfactual import (
     RANDOM,
-    BudgetExhausted,
     EvalDraws,
-    Retrainer,
     leave_k_out,
     random_k_ids,
     resolve_k,
-    retrain_record,
-    retrain_without,
 )
 from linernotes.evaluation.grid import SelfRankMetric, best_point, grid_points, grid_search
 from linernotes.evaluation.lds import (
@@ -36,8 +33,10 @@ from linernotes.evaluation.lds import (
 )
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.models.pipeline import GenerateSettings, generate
-from linernotes.training import TrainSettings, load_run, train
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train
+from linernotes.run import BudgetExhausted, Retrainer, load_run, retrain_record
+from linernotes.training import TrainSettings
 from linernotes.unlearning.newton import UnlearnSettings
 
 from conftest import TINY_FEATURES, make_tone_corpus
@@ -105,7 +104,7 @@ def test_leave_k_out_removes_the_named_tracks_caches_and_resumes(setup, tmp_path
     zero = Retrainer(run, df, cache, budget=0)
     again = zero(list(reversed(expected_top)))
     assert again.path == retrained.path and zero.started == 0
-    assert retrain_without(run, df, expected_top, cache).hash == retrained.hash
+    assert Retrainer(run, df, cache)(expected_top).hash == retrained.hash
     with pytest.raises(BudgetExhausted):
         zero(setup["ids"][:3])
     # a rerun reads the cached rows; a fresh folder recomputes identical numbers

@@ -31,7 +31,9 @@ from linernotes.data.manifest import write_manifest
 from linernotes.errors import LinernotesError
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.training import TrainSettings, load_run, train
+from linernotes.models.reference import train
+from linernotes.run import load_run
+from linernotes.training import TrainSettings
 
 from conftest import TINY_FEATURES, make_tone_corpus
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from linernotes.data.dataset import TrackDataset, collate, split_rows
-from linernotes.data.features import FeatureSettings, FeatureStore, audio_to_db, db_to_audio
+from linernotes.data.features import FeatureStore
 from linernotes.data.manifest import read_manifest, write_manifest
 from linernotes.errors import LinernotesError
+from linernotes.models.mel import FeatureSettings, audio_to_db, db_to_audio
 
 from conftest import TINY_FEATURES
 
@@ -23,8 +24,8 @@ def test_mask_sums_equal_real_frames(tone_corpus):
         assert not m[expected:].any() and m[:expected].all()
     # padded frames hold silence (the floor), real frames do not
     i = int(np.argmin(tone_corpus["duration"]))
-    assert np.all(store.db[i][~store.mask[i]] == s.db_floor)
-    assert store.db[i][store.mask[i]].max() > s.db_floor + 30
+    assert np.all(store.values[i][~store.mask[i]] == s.db_floor)
+    assert store.values[i][store.mask[i]].max() > s.db_floor + 30
 
 
 def test_features_normalised_on_train_real_frames(tone_corpus):
@@ -35,7 +36,7 @@ def test_features_normalised_on_train_real_frames(tone_corpus):
     # padding (silence) stays within a few standard deviations
     assert store.features(int(np.argmin(tone_corpus["duration"]))).min() > -10
     # round trip through the normalisation
-    assert np.allclose(store.stats.denormalise(store.features(0)), store.db[0], atol=1e-3)
+    assert np.allclose(store.stats.denormalise(store.features(0)), store.values[0], atol=1e-3)
 
 
 def test_dataset_and_collate(tone_corpus):
@@ -55,7 +56,7 @@ def test_cache_reused_and_invalidated(tone_corpus, tmp_path):
     assert a.root == b.root
     # other feature settings -> another cache
     c = FeatureStore.open(tone_corpus, TINY_FEATURES.replace(n_mels=8), progress=False)
-    assert c.root != a.root and c.db.shape[2] == 8
+    assert c.root != a.root and c.values.shape[2] == 8
     # a changed manifest (caption edit) -> another cache
     edited = tone_corpus.copy()
     edited.loc[0, "caption"] = "something else entirely"
@@ -66,17 +67,17 @@ def test_cache_reused_and_invalidated(tone_corpus, tmp_path):
 
 def test_cache_resumes_after_partial_build(tone_corpus):
     store = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False, chunk=4)
-    reference = np.array(store.db)
+    reference = np.array(store.values)
     # simulate a build killed after the first chunk: forget completion of the rest
     done = np.load(store.root / "done.npy")
     done[4:] = False
     np.save(store.root / "done.npy", done)
     (store.root / "meta.json").unlink()
-    db = np.load(store.root / "db.npy", mmap_mode="r+")
-    db[4:] = 0
-    db.flush()
+    values = np.load(store.root / "values.npy", mmap_mode="r+")
+    values[4:] = 0
+    values.flush()
     again = FeatureStore.open(tone_corpus, TINY_FEATURES, progress=False, chunk=4)
-    assert np.array_equal(np.array(again.db), reference)
+    assert np.array_equal(np.array(again.values), reference)
 
 
 def test_missing_audio_is_a_clear_error(tone_corpus):

@@ -17,7 +17,6 @@ from linernotes.attribution.gradients import (
     GradientFeatures,
     GradientSettings,
     Projector,
-    grads_for,
     grads_loop,
     grads_vmap,
     sharded_features,
@@ -28,7 +27,7 @@ from linernotes.curvature import FisherSettings, compute_fisher
 from linernotes.data.dataset import TrackDataset, collate, split_rows
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
-from linernotes.task import draw_noise, fixed_timesteps, loss_at_draws
+from linernotes.task import draw_noise, fixed_timesteps, loss_at_draws, trainable
 from linernotes.unlearning.newton import UnlearnSettings, applied, query_gradient, unlearn_query
 
 from conftest import TINY_FEATURES
@@ -160,7 +159,7 @@ def exact_fisher_pieces(setup, settings: GradientSettings, query: Query, damping
     d = torch.cat([inv[n].reshape(-1) for n in params])
     ts = fixed_timesteps(settings.timesteps, settings.stride)
     rows = []
-    with grads_for(model, params):
+    with trainable(model, params):
         for k in range(len(setup["train"])):
             batch = collate([setup["train"][k]])
             t, noise = draw_noise(batch["track_id"], range(settings.timesteps), task.latent_shape,
@@ -273,7 +272,7 @@ def test_vmap_and_loop_gradients_agree(setup):
     items = [setup["train"][k] for k in range(3)]
     same = collate([dict(it, caption=items[0]["caption"]) for it in items])
     t, noise = draw_noise(same["track_id"], range(3), task.latent_shape, seed=0)
-    with grads_for(model, params):
+    with trainable(model, params):
         a = grads_loop(task, model, params, same, t, noise, "loss", False)
         b = grads_vmap(task, model, params, same, t, noise, "loss", False)
         c = grads_loop(task, model, params, same, t, noise, "dtrak", False)

@@ -13,17 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from linernotes.attribution.front import attribute_run, query_from_spec, train_set
+from linernotes.attribution.front import attribute_run, query_from_spec
 from linernotes.attribution.methods import (
     METHODS,
     make_attributor,
     method_spec,
-    parse_assignments,
     resolve_settings,
     setting_keys,
 )
 from linernotes.attribution.scores import SCORE_COLUMNS, read_scores, score_table, write_scores
 from linernotes.cli import app
+from linernotes.config import parse_assignments
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.compare import (
     compare,
@@ -58,7 +58,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription
     root = tmp_path_factory.mktemp("methods")
     run, manifest = make_tiny_run(root, n_per_artist=4)
-    yield {"root": root, "run": run, "manifest": manifest, "train": train_set(run, manifest,
+    yield {"root": root, "run": run, "manifest": manifest, "train": run.train_set(manifest,
                                                                              progress=False)}
     torch.set_num_threads(threads)
 
@@ -95,11 +95,11 @@ def test_gradient_features_are_stored_under_the_run_and_reused(tiny, tmp_path):
     settings = {**GRADS, "projection_dim": 48, "seed": 7}
     first = make_attributor("trak", run, manifest, tiny["train"], settings, progress=False)
     a = first.attribute(query, tmp_path / "a")
-    assert first.impl.features.computed_shards > 0
-    assert first.impl.features.folder.parent == run.path / "cache"
+    assert first.features.computed_shards > 0
+    assert first.features.folder.parent == run.path / "cache"
     again = make_attributor("trak", run, manifest, None, settings, progress=False)
     b = again.attribute(query, tmp_path / "b")
-    assert again.impl.features.computed_shards == 0  # read back from the run's cache
+    assert again.features.computed_shards == 0  # read back from the run's cache
     assert np.allclose(a["score"], b["score"])
 
 
@@ -116,10 +116,9 @@ def test_attribute_run_routes_through_the_factory(tiny, tmp_path):
 
 
 def test_default_method_is_the_unlearning_attribution_as_before(tiny, tmp_path):
-    from linernotes.attribution.front import fisher_for, fisher_group
     from linernotes.attribution.losses import ScoreSettings
     from linernotes.attribution.unlearning import UnlearningAttributor
-    from linernotes.curvature import FisherSettings
+    from linernotes.curvature import FisherSettings, covering_group
 
     run, manifest = tiny["run"], tiny["manifest"]
     store, train, ids = tiny["train"]
@@ -127,7 +126,7 @@ def test_default_method_is_the_unlearning_attribution_as_before(tiny, tmp_path):
     score = ScoreSettings(timesteps=3, stride=300, batch_size=4)
     [new] = attribute_run(run, manifest, [f"train:{ids[3]}"], tmp_path / "new", unlearn, score,
                           progress=False)
-    fisher = fisher_for(run, train, FisherSettings(group=fisher_group(unlearn.group)), False)
+    fisher = run.fisher(manifest, FisherSettings(group=covering_group(unlearn.group)), False)
     by_hand = UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids, fisher,
                                    run.path / "cache", score, progress=False)
     old = by_hand.attribute(query_from_spec(f"train:{ids[3]}", run, store, manifest),
@@ -145,7 +144,7 @@ def test_unknown_method_and_settings_are_clear_errors(tiny):
         resolve_settings("unlearning", {"fisher.nope": 1})
     with pytest.raises(LinernotesError, match="takes no settings"):
         resolve_settings("clap-audio", {"x": 1})
-    with pytest.raises(LinernotesError, match="expected a value of type int"):
+    with pytest.raises(LinernotesError, match="projection_dim takes an integer"):
         resolve_settings("trak", {"projection_dim": "many"})
     with pytest.raises(LinernotesError, match="alpha must be >= 0"):
         resolve_settings("unlearning", {"alpha": "-1"})

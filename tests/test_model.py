@@ -11,26 +11,20 @@ import pytest
 import soundfile as sf
 import torch
 
+from linernotes.clips import clip_batch, generate, load_clip
 from linernotes.data.dataset import TrackDataset, split_rows
-from linernotes.data.features import FeatureSettings, FeatureStats, FeatureStore
+from linernotes.data.features import FeatureStore
 from linernotes.data.manifest import read_manifest, write_manifest
 from linernotes.errors import LinernotesError
 from linernotes.models.clap import ClapSettings, clap_from_settings, evaluate_clap, freeze
 from linernotes.models.denoiser import Denoiser, DenoiserConfig, count_parameters
-from linernotes.models.pipeline import GenerateSettings, clip_batch, generate, load_clip
+from linernotes.models.mel import FeatureSettings, FeatureStats
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train, train_clap
 from linernotes.models.task import ReferenceTask
+from linernotes.run import load_run
 from linernotes.task import PARAM_GROUPS, draw_noise, loss_at_draws
-from linernotes.training import (
-    DiffusionLoss,
-    StepBatches,
-    TrainSettings,
-    fit,
-    load_run,
-    save_derived_run,
-    train,
-    train_clap,
-    training_rows,
-)
+from linernotes.training import DiffusionLoss, StepBatches, TrainSettings, fit, training_rows
 
 SR = 16000
 FEATS = FeatureSettings(seconds=2.0, hop_length=1000, n_mels=32)  # 32 frames
@@ -256,7 +250,7 @@ def test_clap_beats_chance(corpus, clap_dir):
 
 def test_run_save_load_and_checks(corpus, run, tmp_path):
     path, df, store = corpus
-    again = load_run(run.path, manifest=path, features=FEATS)
+    again = load_run(run.path, manifest=path)
     batch = StepBatches(TrackDataset(store, df, split_rows(df, "train")), 8)(0)
     assert torch.equal(
         _fixed_loss(run.model, run.task, batch), _fixed_loss(again.model, again.task, batch)
@@ -267,8 +261,9 @@ def test_run_save_load_and_checks(corpus, run, tmp_path):
     other.loc[0, "caption"] = "something else"
     with pytest.raises(LinernotesError, match="different manifest"):
         load_run(run.path, manifest=other)
-    with pytest.raises(LinernotesError, match="feature settings"):
-        load_run(run.path, features=FEATS.replace(n_mels=16))
+    with pytest.raises(LinernotesError, match="feature settings"):  # resuming with others
+        train(path, run.path, TrainSettings.from_dict(run.config["train"]), TINY_DIT,
+              FEATS.replace(n_mels=16), progress=False)
     broken = tmp_path / "broken"
     import shutil
 
@@ -281,7 +276,7 @@ def test_run_save_load_and_checks(corpus, run, tmp_path):
     copied = copy.deepcopy(run.model)  # cheap: frozen encoders live in the Task
     with torch.no_grad():
         copied.dit.proj_out.weight.mul_(0.5)
-    derived = save_derived_run(run, copied, tmp_path / "derived", {"method": "test"})
+    derived = run.derive(copied, tmp_path / "derived", {"method": "test"})
     assert derived.config["parent"] == run.hash and derived.hash != run.hash
     assert not torch.equal(
         _fixed_loss(derived.model, derived.task, batch), _fixed_loss(run.model, run.task, batch)

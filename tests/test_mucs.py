@@ -10,7 +10,7 @@ import torch
 from scipy.stats import rankdata
 from typer.testing import CliRunner
 
-from linernotes.attribution.front import query_from_spec, train_set
+from linernotes.attribution.front import query_from_spec
 from linernotes.attribution.losses import score_of
 from linernotes.attribution.methods import make_attributor, setting_keys
 from linernotes.attribution.mucs import normalised_difference
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
     # so the bounded ascent has room to act; 12 training tracks
     run, manifest = make_tiny_run(root, n_per_artist=5, steps=80)
     yield {"root": root, "run": run, "manifest": manifest,
-           "train": train_set(run, manifest, progress=False)}
+           "train": run.train_set(manifest, progress=False)}
     torch.set_num_threads(threads)
 
 
@@ -62,7 +62,7 @@ def test_training_query_raises_its_loss_and_ranks_itself_first(tiny, tmp_path):
     att = make_attributor("mucs", run, manifest, tiny["train"], {**SCORE, "steps": 120},
                           progress=False)
     assert att.kind == "counterfactual"
-    baseline = att.impl.base.baseline()
+    baseline = att.base.baseline()
     # the best-fit track: its loss is below L_null, so the bounded ascent can raise it
     q = ids[int(np.argmin(baseline))]
     df = att.attribute(query_from_spec(f"train:{q}", run, store, manifest), tmp_path)
@@ -89,12 +89,12 @@ def test_training_query_raises_its_loss_and_ranks_itself_first(tiny, tmp_path):
 def test_baseline_is_the_one_unlearning_caches(tiny, tmp_path):
     run, manifest = tiny["run"], tiny["manifest"]
     mucs = make_attributor("mucs", run, manifest, tiny["train"], SCORE, progress=False)
-    before = mucs.impl.base.baseline()
+    before = mucs.base.baseline()
     folders = sorted((run.path / "cache").glob("baseline-*"))
     unl = make_attributor("unlearning", run, manifest, tiny["train"],
                           {**SCORE, "draws": 16, "probe_draws": 8, "fisher.draws": 1},
                           progress=False)
-    assert np.array_equal(unl.impl.baseline(), before)
+    assert np.array_equal(unl.baseline(), before)
     assert sorted((run.path / "cache").glob("baseline-*")) == folders  # nothing recomputed
 
 

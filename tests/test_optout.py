@@ -10,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from linernotes.clips import generate
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.audit import EMBEDDERS, AuditSettings, audit, membership_auc
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
-from linernotes.models.pipeline import GenerateSettings, generate
+from linernotes.models.pipeline import GenerateSettings
+from linernotes.models.reference import train
 from linernotes.report.build import OptOut
-from linernotes.training import TrainSettings, load_run, train
+from linernotes.run import load_run
+from linernotes.training import TrainSettings
 from linernotes.unlearning import trainer as trainer_mod
 from linernotes.unlearning.forget import ForgetSpec, resolve_forget_set
 from linernotes.unlearning.salun import MASK_FILE

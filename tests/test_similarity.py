@@ -70,7 +70,7 @@ def test_score_table_over_all_tracks_and_self_first(tiny_run, tmp_path, name):
     # cached: a second instance reads the training features back and agrees
     again = similarity_method(name, run, manifest, progress=False, **_kwargs(name))
     query = query_from_spec(f"train:{sorted(train_ids)[0]}", run, again.store, manifest)
-    assert np.allclose(again.scores(query)[0], method.scores(query)[0], atol=1e-5)
+    assert np.allclose(again.similarity(query)[0], method.similarity(query)[0], atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_BASIC_PITCH, reason=NO_BASIC_PITCH)
@@ -93,7 +93,7 @@ def test_generated_style_query_without_audio_uses_griffin_lim(tiny_run, tmp_path
     query.track_id, query.source, query.key = None, "", "vocoded"
     df = method.attribute(query, tmp_path)
     assert len(df) == len(method.train_ids) and np.isfinite(df["score"]).all()
-    assert np.array_equal(method.scores(query)[0], df.set_index("track_id").loc[
+    assert np.array_equal(method.similarity(query)[0], df.set_index("track_id").loc[
         method.train_ids, "score"].to_numpy())  # seeded Griffin-Lim: same audio each time
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,11 +82,60 @@ class Settings:
                     raise ValueError(what) from None
         return text
 
+    @classmethod
+    def coerce(cls, name: str, value: Any, label: str | None = None) -> Any:
+        """A value for field `name`: a string parsed by the field's type (`parse_value`), a list
+        as a tuple, anything else as it is. A bad string is a clear error naming the setting as
+        the user wrote it (`label`, default `--set name`), what it takes and its default."""
+        if isinstance(value, list):
+            return tuple(value)
+        if not isinstance(value, str):
+            return value
+        try:
+            return cls.parse_value(name, value)
+        except ValueError as exc:
+            default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+            raise LinernotesError(f"{label or '--set ' + name}={value}: {name} takes {exc} "
+                                  f"(default {default}).") from None
+
+    @classmethod
+    def overrides(cls, assignments: Mapping[str, Any]) -> dict[str, Any]:
+        """`--set` assignments (`parse_assignments`) as typed field values; an unknown name is
+        a clear error with the closest names."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        out = {}
+        for key, value in assignments.items():
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=2)
+                hint = f" Did you mean {' or '.join(close)}?" if close else ""
+                raise LinernotesError(f"--set {key}={value}: {cls.__name__} has no setting "
+                                      f"{key!r}.{hint} Settings: {', '.join(sorted(names))}.")
+            out[key] = cls.coerce(key, value)
+        return out
+
     def replace(self: S, **changes: Any) -> S:
         return dataclasses.replace(self, **changes)
 
     def hash(self) -> str:
         return hash_json({"class": type(self).__name__, **self.to_dict()})
+
+
+def parse_assignments(items: Sequence[str] | None) -> dict[str, str]:
+    """The command line's `--set key=value` items as {key: value} strings (`-` in a key is
+    `_`); the values are typed by the settings that take them (`Settings.overrides`)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise LinernotesError(f"--set takes key=value (e.g. --set steps=100), not {item!r}.")
+        out[key] = value.strip()
+    return out
+
+
+def setting(default: Any, help: str = "") -> Any:
+    """A settings field: its default and one line of help (commands show it as the option's)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def require(condition: bool, message: str) -> None:

@@ -17,27 +17,32 @@ from tqdm.auto import tqdm
 
 from linernotes import distributed
 from linernotes.artifacts import atomic_path
-from linernotes.config import Settings, require
+from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
-from linernotes.task import PARAM_GROUPS, Task, draw_noise
+from linernotes.task import PARAM_GROUPS, Task, draw_noise, trainable
 
 
 @dataclasses.dataclass(frozen=True)
 class FisherSettings(Settings):
     """Which samples and draws estimate the Fisher, over which parameter group."""
 
-    group: str = "transformer"
-    samples: int = 0  # training samples used; 0 = all of them
-    draws: int = 2  # random (timestep, noise) draws per sample
-    seed: int = 1234
-    mask_padding: bool = False  # the loss as the model was trained (padding included)
-    batch_size: int = 8  # micro-batch for the per-sample gradients
+    group: str = setting("transformer", "Parameter group.")
+    samples: int = setting(0, "Training samples (0 = all).")
+    draws: int = setting(2, "Random (timestep, noise) draws per sample.")
+    seed: int = setting(1234, "Seed of the samples and draws.")
+    mask_padding: bool = setting(False, "Mask padding (default: the loss as the model trained).")
+    batch_size: int = setting(8, "Micro-batch for the per-sample gradients.")
 
     def validate(self) -> None:
         require(self.group in PARAM_GROUPS, f"Unknown parameter group {self.group!r}; "
                 f"choose one of {', '.join(PARAM_GROUPS)}.")
         require(self.samples >= 0 and self.draws >= 1, "samples >= 0 and draws >= 1 required.")
+
+
+def covering_group(group: str) -> str:
+    """The Fisher group that covers parameter group `group` (one file then serves several)."""
+    return "all" if group == "all" else "transformer"
 
 
 @dataclasses.dataclass
@@ -50,7 +55,8 @@ class Fisher:
     n_examples: int
 
     def damped_inverse(self, damping: float) -> tuple[dict[str, torch.Tensor], dict]:
-        """(F + λI)⁻¹ with λ = damping × mean(F); reports zero entries and the λ used."""
+        """(F + λI)⁻¹ with λ = damping × mean(F); reports zero entries and the λ used. The
+        inverse is on the Fisher's device (`to`)."""
         total = sum(float(f.sum()) for f in self.diag.values())
         count = sum(f.numel() for f in self.diag.values())
         zeros = sum(int((f == 0).sum()) for f in self.diag.values())
@@ -66,6 +72,10 @@ class Fisher:
         inv = {n: 1.0 / (f + lam) for n, f in self.diag.items()}
         return inv, {"lambda": lam, "fisher_mean": mean, "zero_entries": zeros}
 
+    def to(self, device: torch.device) -> Fisher:
+        """The same Fisher with its diagonal on `device`."""
+        return dataclasses.replace(self, diag={n: f.to(device) for n, f in self.diag.items()})
+
     def save(self, path: str | Path) -> None:
         meta = {
             "settings": json.dumps(self.settings.to_dict()),
@@ -73,7 +83,8 @@ class Fisher:
             "n_examples": str(self.n_examples),
         }
         with atomic_path(path) as tmp:
-            save_file({n: t.contiguous() for n, t in self.diag.items()}, str(tmp), metadata=meta)
+            save_file({n: t.cpu().contiguous() for n, t in self.diag.items()}, str(tmp),
+                      metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, run_hash: str | None = None) -> Fisher:
@@ -121,15 +132,10 @@ def compute_fisher(
     sub = torch.utils.data.Subset(dataset, order)
     loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
     acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
-    was_training = model.training
-    model.eval()
-    requires = {name: p.requires_grad for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in params)
     count = 0
     bar = tqdm(total=len(order) * settings.draws, desc="fisher",
                disable=not progress or distributed.rank() != 0)
-    try:
+    with bar, trainable(model, params):
         for batch in loader:
             t, noise = draw_noise(batch["track_id"], range(settings.draws),
                                   task.latent_shape, seed=settings.seed)
@@ -149,13 +155,10 @@ def compute_fisher(
                         acc[name] += gr.double() ** 2
                     count += 1
                     bar.update(1)
-    finally:
-        bar.close()
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires[name])
-        model.train(was_training)
     for a in acc.values():
         distributed.all_reduce_sum(a)
-    count = int(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64)))
-    diag = {name: (a / count).float() for name, a in acc.items()}
+    dev = next(iter(acc.values())).device
+    count = int(distributed.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64,
+                                                        device=dev)))
+    diag = {name: (a / count).float().cpu() for name, a in acc.items()}
     return Fisher(diag, settings, run_hash, count)

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from linernotes.errors import LinernotesError
+
 #: Parameter groups addressable by name (the music paper's grid); see `Task.parameter_names`.
 PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "self_attn", "transformer", "all")
+#: The range of a random diffusion time t, by default (`Task.random_draws`, `draw_noise`).
+T_RANGE = (1e-3, 1.0 - 1e-3)
 
 
 class Task(abc.ABC):
@@ -28,7 +33,7 @@ class Task(abc.ABC):
     Subclass it for your own model: implement `per_sample_loss` and `parameter_names`.
     """
 
-    #: shape of one sample's latent (what the noise has), e.g. (n_frames, n_mels)
+    #: shape of one sample's latent (what the noise has), frames first: (n_frames, ...)
     latent_shape: tuple[int, ...]
 
     @abc.abstractmethod
@@ -44,7 +49,8 @@ class Task(abc.ABC):
 
         `batch` holds at least "features" (B, *latent_shape), "mask" (B, n_frames) bool and
         "caption" (list of B strings). With `mask_padding`, padded frames do not count.
-        Returns a (B,) tensor. Scoring may call it under bfloat16 autocast
+        Returns a (B,) tensor. The batch, `t` and `noise` arrive on the CPU: move them to the
+        model's device (`linernotes.device.move`). Scoring may call it under bfloat16 autocast
         (`ScoreSettings.precision`): cast the prediction to the input's dtype before the error.
         """
 
@@ -54,8 +60,6 @@ class Task(abc.ABC):
         """The model's output (B, ...) for the noised batch: what `per_sample_loss` compares with
         its target. Optional: only methods that steer one caption's predictions towards
         another's need it (opt-out's `concept_ablation`)."""
-        from linernotes.errors import LinernotesError
-
         raise LinernotesError(f"{type(self).__name__} does not implement Task.prediction, which "
                               "this method needs; implement it (the model's output for the "
                               "noised batch) or choose another method.")
@@ -67,6 +71,38 @@ class Task(abc.ABC):
     def parameters(self, model: nn.Module, group: str) -> dict[str, nn.Parameter]:
         names = set(self.parameter_names(model, group))
         return {n: p for n, p in model.named_parameters() if n in names}
+
+    def random_draws(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training-time draws of n samples from `generator`: timesteps (n,) uniform in
+        T_RANGE, then noise (n, *latent_shape), in that order (the loop's exact resume needs it)."""
+        lo, hi = T_RANGE
+        t = lo + (hi - lo) * torch.rand(n, generator=generator)
+        return t, torch.randn(n, *self.latent_shape, generator=generator)
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signal and noise scales of the noise schedule at t (B,). Optional: only methods
+        that noise data themselves need it (opt-out's `siss`)."""
+        raise LinernotesError(f"{type(self).__name__} does not implement Task.alpha_sigma (its "
+                              "noise schedule), which this method needs; implement it or choose "
+                              "another method.")
+
+
+@contextmanager
+def trainable(model: nn.Module, names: Iterable[str], train: bool = False) -> Iterator[None]:
+    """Only the parameters `names` need gradients inside the block, and the model is in train
+    (or eval) mode; the flags and the mode are restored after."""
+    names = set(names)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    model.train(train)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
 
 
 def _key_seed(key: str, seed: int) -> int:
@@ -80,8 +116,8 @@ def draw_noise(
     shape: tuple[int, ...],
     seed: int = 0,
     timesteps: Sequence[float] | None = None,
-    t_min: float = 1e-3,
-    t_max: float = 1.0 - 1e-3,
+    t_min: float = T_RANGE[0],
+    t_max: float = T_RANGE[1],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps (B, D) and noise (B, D, *shape) for samples `keys` and draw indices `draws`.
 

@@ -1,9 +1,8 @@
-"""One training loop for everything that trains, and the reference model's training stages.
+"""One training loop for everything that trains: models, retrains, opt-outs, encoders.
 
 `fit` is the loop: AdamW, EMA weights, gradient clipping, a pluggable per-step loss, atomic
 checkpoints and exact resume (data order and noise are pure functions of (seed, step), and the
-optimizer/EMA state is saved). `train_clap` and `train` are the stages behind `linernotes
-train-clap` / `linernotes train`; `load_run` reads a finished run back, checked.
+optimizer/EMA state is saved). A model family's training stages (`models/reference.py`) call it.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,33 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from linernotes.artifacts import atomic_path, hash_file, hash_json, read_json, write_json
-from linernotes.config import Settings, require
-from linernotes.data.dataset import TrackDataset, collate, split_rows
-from linernotes.data.features import FeatureSettings, FeatureStats, FeatureStore
-from linernotes.data.manifest import manifest_hash, read_manifest
+from linernotes.artifacts import atomic_path, hash_json
+from linernotes.config import Settings, require, setting
+from linernotes.data.dataset import collate, split_rows
 from linernotes.errors import LinernotesError
-from linernotes.models.clap import (
-    CLAP_CONFIG,
-    CLAP_WEIGHTS,
-    ClapEncoder,
-    ClapLoss,
-    ClapSettings,
-    clap_from_settings,
-    evaluate_clap,
-    load_clap,
-    save_clap,
-)
-from linernotes.models.denoiser import Denoiser, DenoiserConfig
-from linernotes.models.schedule import T_MAX, T_MIN
-from linernotes.models.task import ReferenceTask
-from linernotes.task import expand_draws
+from linernotes.task import expand_draws, trainable
 
 #: A per-step loss: (model, task, batch, step) -> scalar tensor to minimise.
 LossFn = Callable[[nn.Module, object, dict, int], torch.Tensor]
 
-RUN_CONFIG = "config.json"
-RUN_WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
 LOSS_LOG = "losses.jsonl"
 
@@ -57,8 +37,8 @@ LOSS_LOG = "losses.jsonl"
 class TrainSettings(Settings):
     """How the denoiser (or a fine-tune of it) is trained."""
 
-    steps: int = 1200
-    batch_size: int = 32
+    steps: int = setting(1200, "Training steps.")
+    batch_size: int = setting(32, "Batch size.")
     lr: float = 1e-3
     warmup: int = 50
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant"
@@ -68,9 +48,9 @@ class TrainSettings(Settings):
     beta2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # 0 disables EMA (the raw weights are the result)
-    seed: int = 0
+    seed: int = setting(0, "Seed (data order, draws and initial weights).")
     cond_dropout: float = 0.1  # classifier-free guidance training
-    mask_padding: bool = False  # training loss over real frames only (default: all frames)
+    mask_padding: bool = setting(False, "Train on real frames only (default: all frames).")
     n_draws: int = 1  # (t, noise) draws per sample per step
     checkpoint_every: int = 200
     split: str = "train"
@@ -176,8 +156,7 @@ class DiffusionLoss:
     def __call__(self, model: nn.Module, task, batch: dict, step: int) -> torch.Tensor:
         gen = step_generator(self.seed, step)
         b, d = len(batch["caption"]), self.n_draws
-        t = T_MIN + (T_MAX - T_MIN) * torch.rand(b * d, generator=gen)
-        noise = torch.randn(b * d, *task.latent_shape, generator=gen)
+        t, noise = task.random_draws(b * d, gen)
         drop = torch.rand(b, generator=gen) < self.cond_dropout
         flat = expand_draws(batch, d) if d > 1 else dict(batch)
         flat["drop_cond"] = drop.repeat_interleave(d)
@@ -256,9 +235,6 @@ def fit(
     if missing or not names:
         raise LinernotesError(f"fit: no such parameters {missing[:3]} (or none selected).")
     train_params = {n: named[n] for n in names}
-    flags = {n: p.requires_grad for n, p in named.items()}
-    for n, p in named.items():
-        p.requires_grad_(n in train_params)
     opt = _optimizer(train_params, settings)
     ema = (
         {n: p.detach().clone() for n, p in train_params.items()} if settings.ema_decay > 0 else None
@@ -271,11 +247,10 @@ def fit(
         _trim_log(out / LOSS_LOG, start)
     losses: list[float] = []
     pending: list[str] = []
-    model.train()
     bar = tqdm(
         total=settings.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True
     )
-    try:
+    with bar, trainable(model, train_params, train=True):
         for step in range(start, start if stopped else settings.steps):
             lr = settings.lr_at(step)
             for g in opt.param_groups:
@@ -324,11 +299,7 @@ def fit(
                 _save_checkpoint(out / CHECKPOINT, fingerprint, done, model, opt, ema, stopped)
             if stopped:
                 break
-    finally:
-        bar.close()
-        for n, p in named.items():
-            p.requires_grad_(flags[n])
-        model.eval()
+    model.eval()
     return FitResult(steps=start + len(losses), ema=ema, losses=losses, stopped=stopped)
 
 
@@ -382,305 +353,3 @@ def ema_state_dict(model: nn.Module, ema: dict[str, torch.Tensor] | None) -> dic
     for n, v in (ema or {}).items():
         state[n] = v.detach().clone()
     return state
-
-
-# ---------------------------------------------------------------- stages
-
-
-def _open(manifest, features: FeatureSettings, cache_dir, progress):
-    df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-    return df, FeatureStore.open(df, features, cache_dir=cache_dir, progress=progress)
-
-
-def train_clap(
-    manifest: str | Path | pd.DataFrame,
-    out_dir: str | Path,
-    settings: ClapSettings | None = None,
-    features: FeatureSettings | None = None,
-    exclude: Sequence[str] = (),
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> Path:
-    """Train the CLAP-style encoder on the train split; write it (and holdout metrics) to out_dir.
-
-    Resumes an interrupted run; returns at once if out_dir already holds this exact CLAP.
-    """
-    settings, features = settings or ClapSettings(), features or FeatureSettings()
-    df, store = _open(manifest, features, cache_dir, progress)
-    out = Path(out_dir)
-    prov = {
-        "settings": settings.to_dict(),
-        "features": features.to_dict(),
-        "manifest_hash": manifest_hash(df),
-        "exclude": sorted(exclude),
-    }
-    if (out / CLAP_CONFIG).exists():
-        if read_json(out / CLAP_CONFIG).get("provenance") != prov:
-            raise LinernotesError(
-                f"{out} already holds a CLAP trained on other data or settings; delete it or "
-                "choose another folder."
-            )
-        return out
-    torch.manual_seed(settings.seed)
-    clap = clap_from_settings(features.n_mels, settings)
-    rows = split_rows(df, "train", exclude)
-    data = StepBatches(TrackDataset(store, df, rows), settings.batch_size, settings.seed)
-    fit_settings = TrainSettings(
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        warmup=20,
-        weight_decay=settings.weight_decay,
-        grad_clip=settings.grad_clip,
-        ema_decay=0.0,
-        seed=settings.seed,
-        cond_dropout=0.0,
-        checkpoint_every=settings.checkpoint_every,
-    )
-    fit(
-        clap,
-        data,
-        ClapLoss(settings.min_crop, settings.seed),
-        fit_settings,
-        out_dir=out / "_train",
-        key=hash_json(prov),
-        progress=progress,
-        desc="clap",
-    )
-    clap.eval()
-    metrics = None
-    if (df["split"] == "holdout").sum() >= 2:
-        metrics = evaluate_clap(clap, store, df, "holdout")
-    save_clap(clap, out, {"provenance": prov, "eval": metrics})
-    shutil.rmtree(out / "_train", ignore_errors=True)
-    return out
-
-
-@dataclasses.dataclass
-class Run:
-    """A trained reference model, loaded and checked. `model` holds the EMA weights."""
-
-    path: Path
-    model: Denoiser
-    task: ReferenceTask
-    clap: ClapEncoder
-    features: FeatureSettings
-    stats: FeatureStats
-    config: dict
-    hash: str
-
-    @property
-    def manifest_hash(self) -> str:
-        return self.config["manifest_hash"]
-
-    def feature_store(
-        self,
-        manifest: str | Path | pd.DataFrame,
-        cache_dir: str | Path | None = None,
-        progress: bool = True,
-    ) -> FeatureStore:
-        """Open the features of `manifest` with this run's settings (refuses another manifest)."""
-        df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-        _check_manifest(self.path, self.config, df)
-        return FeatureStore.open(df, self.features, cache_dir=cache_dir, progress=progress)
-
-
-def train(
-    manifest: str | Path | pd.DataFrame,
-    run_dir: str | Path,
-    settings: TrainSettings | None = None,
-    model: DenoiserConfig | None = None,
-    features: FeatureSettings | None = None,
-    clap: str | Path | None = None,
-    clap_settings: ClapSettings | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> Run:
-    """Train the reference model into run_dir: CLAP first (unless `clap` is a trained CLAP's
-    folder), then the denoiser. Resumes an interrupted run; a finished identical run is loaded."""
-    settings, model = settings or TrainSettings(), model or DenoiserConfig()
-    features = features or FeatureSettings()
-    df, store = _open(manifest, features, cache_dir, progress)
-    run_dir = Path(run_dir)
-    if (run_dir / RUN_CONFIG).exists():
-        run = load_run(run_dir, manifest=df, features=features)
-        if (
-            run.config["train"] != json.loads(json.dumps(settings.to_dict()))
-            or run.config["model"]["config"] != model.to_dict()
-        ):
-            raise LinernotesError(
-                f"{run_dir} already holds a run trained with other settings; choose another "
-                "folder or delete it."
-            )
-        return run
-    clap_dir = run_dir / "clap"
-    if clap is None:
-        train_clap(df, clap_dir, clap_settings, features, settings.exclude, cache_dir, progress)
-    elif Path(clap).resolve() != clap_dir.resolve():
-        src = Path(clap)
-        load_clap(src)  # checks it
-        clap_dir.mkdir(parents=True, exist_ok=True)
-        for name in (CLAP_WEIGHTS, CLAP_CONFIG):
-            shutil.copyfile(src / name, clap_dir / name)
-    encoder = load_clap(clap_dir)
-    if encoder.n_mels != features.n_mels:
-        raise LinernotesError(
-            f"The CLAP at {clap} reads {encoder.n_mels} mel bins but the features have "
-            f"{features.n_mels}; train a CLAP with these feature settings."
-        )
-    task = ReferenceTask(encoder, features.n_frames, features.n_mels)
-    torch.manual_seed(settings.seed)
-    net = Denoiser(model, features.n_mels, encoder.dim)
-    data = StepBatches(
-        TrackDataset(store, df, training_rows(df, settings)), settings.batch_size, settings.seed
-    )
-    loss_fn = DiffusionLoss(
-        settings.seed, settings.n_draws, settings.cond_dropout, settings.mask_padding
-    )
-    mhash = manifest_hash(df)
-    key = hash_json(
-        {
-            "manifest": mhash,
-            "features": features.to_dict(),
-            "model": model.to_dict(),
-            "clap": encoder.weights_hash,
-        }
-    )
-    result = fit(
-        net,
-        data,
-        loss_fn,
-        settings,
-        out_dir=run_dir,
-        task=task,
-        params=task.parameter_names(net, settings.param_group),
-        key=key,
-        progress=progress,
-        desc="denoiser",
-    )
-    losses = result.losses[-50:]
-    meta = {
-        "train": settings.to_dict(),
-        "settings_hash": settings.hash(),
-        "manifest_hash": mhash,
-        "final_loss": float(np.mean(losses)) if losses else None,
-        "steps": result.steps,
-    }
-    _write_run(run_dir, net, ema_state_dict(net, result.ema), features, store.stats, meta)
-    if not settings.keep_checkpoint:
-        (run_dir / CHECKPOINT).unlink(missing_ok=True)
-    return load_run(run_dir)
-
-
-# ---------------------------------------------------------------- run directories
-
-
-def _write_run(
-    path: Path,
-    model: Denoiser,
-    state: dict,
-    features: FeatureSettings,
-    stats: FeatureStats,
-    meta: dict,
-) -> None:
-    from safetensors.torch import save_file
-
-    clap_cfg = read_json(path / "clap" / CLAP_CONFIG)
-    with atomic_path(path / RUN_WEIGHTS) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    config = {
-        "kind": "linernotes-run",
-        "version": 1,
-        "model": model.describe(),
-        "features": features.to_dict(),
-        "stats": stats.to_dict(),
-        "clap_hash": clap_cfg["weights_hash"],
-        "weights_hash": hash_file(path / RUN_WEIGHTS),
-        **meta,
-    }
-    config = json.loads(json.dumps(config, default=str))
-    config["hash"] = hash_json(config)
-    write_json(path / RUN_CONFIG, config)
-
-
-def save_derived_run(base: Run, model: Denoiser, path: str | Path, note: dict | None = None) -> Run:
-    """Save `model` (e.g. an unlearned copy of base.model) as a new run that records its parent."""
-    path = Path(path)
-    if path.resolve() == base.path.resolve():
-        raise LinernotesError("save_derived_run: write to a new folder, not over the base run.")
-    (path / "clap").mkdir(parents=True, exist_ok=True)
-    for name in (CLAP_WEIGHTS, CLAP_CONFIG):
-        shutil.copyfile(base.path / "clap" / name, path / "clap" / name)
-    keep = ("train", "settings_hash", "manifest_hash", "final_loss", "steps")
-    meta = {k: base.config.get(k) for k in keep}
-    meta.update(parent=base.hash, note=note or {})
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    _write_run(path, model, state, base.features, base.stats, meta)
-    return load_run(path)
-
-
-def _check_manifest(path: Path, config: dict, df: pd.DataFrame) -> None:
-    got = manifest_hash(df)
-    if got != config["manifest_hash"]:
-        where = df.attrs.get("path", "the given manifest")
-        raise LinernotesError(
-            f"The run at {path} was trained on a different manifest (hash "
-            f"{config['manifest_hash']}) than {where} (hash {got}); use the run trained on this "
-            "corpus or retrain with `linernotes train`."
-        )
-
-
-def load_run(
-    path: str | Path,
-    manifest: str | Path | pd.DataFrame | None = None,
-    features: FeatureSettings | None = None,
-) -> Run:
-    """Load a finished run (EMA weights, frozen CLAP, Task), checking files and provenance.
-
-    With `manifest`, refuses a run trained on another manifest; with `features`, refuses a run
-    made with other feature settings.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not (path / RUN_CONFIG).exists():
-        hint = (
-            " Training was interrupted: re-run `linernotes train` with the same settings to resume."
-            if (path / CHECKPOINT).exists()
-            else " Train one with `linernotes train`."
-        )
-        raise LinernotesError(f"No trained run at {path} ({RUN_CONFIG} missing).{hint}")
-    config = read_json(path / RUN_CONFIG)
-    if config.get("kind") != "linernotes-run":
-        raise LinernotesError(f"{path / RUN_CONFIG} is not a linernotes run config.")
-    body = {k: v for k, v in config.items() if k != "hash"}
-    if hash_json(body) != config.get("hash"):
-        raise LinernotesError(f"{path / RUN_CONFIG} was edited or is corrupt; retrain the run.")
-    if manifest is not None:
-        df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
-        _check_manifest(path, config, df)
-    feats = FeatureSettings.from_dict(config["features"])
-    if features is not None and features.to_dict() != feats.to_dict():
-        raise LinernotesError(
-            f"The run at {path} was trained with feature settings {feats.to_dict()}, not "
-            f"{features.to_dict()}; use matching settings or retrain."
-        )
-    weights = path / RUN_WEIGHTS
-    if not weights.exists() or hash_file(weights) != config["weights_hash"]:
-        raise LinernotesError(
-            f"{weights} is missing or does not match {RUN_CONFIG} (corrupt or replaced); "
-            "retrain the run or restore the file."
-        )
-    clap = load_clap(path / "clap")
-    if clap.weights_hash != config["clap_hash"]:
-        raise LinernotesError(f"{path / 'clap'} is not the CLAP this run was trained with.")
-    desc = config["model"]
-    model = Denoiser(DenoiserConfig.from_dict(desc["config"]), desc["n_mels"], desc["clap_dim"])
-    try:
-        model.load_state_dict(load_file(str(weights)))
-    except Exception as exc:
-        raise LinernotesError(f"Cannot load {weights}: {exc}") from exc
-    model.eval()
-    task = ReferenceTask(clap, feats.n_frames, feats.n_mels)
-    stats = FeatureStats.from_dict(config["stats"])
-    return Run(path, model, task, clap, feats, stats, config, config["hash"])

@@ -1,9 +1,9 @@
-"""Embeddings of training tracks and queries in the run's CLAP space (cached per run)."""
+"""Audio embeddings of training tracks and queries in the run's family's embedding space (the
+reference family: its CLAP), the training tracks' cached per run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,18 +12,18 @@ from linernotes.artifacts import hash_json
 from linernotes.data.features import FeatureStore
 
 
-@torch.no_grad()
-def clap_audio(clap, features: torch.Tensor, mask: torch.Tensor, batch: int = 64) -> np.ndarray:
-    """L2-normalised CLAP audio embeddings (N, D) of normalised frames (N, T, M)."""
-    out = [clap.embed_audio(features[i : i + batch].float(), mask[i : i + batch])
+def audio_embeddings(run, features: torch.Tensor, mask: torch.Tensor,
+                     batch: int = 64) -> np.ndarray:
+    """Unit-norm audio embeddings (N, D) of normalised features (N, T, ...)."""
+    out = [run.family.embed_audio(features[i : i + batch].float(), mask[i : i + batch])
            for i in range(0, len(features), batch)]
-    return torch.cat(out).numpy() if out else np.zeros((0, clap.dim), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def track_embeddings(run, store: FeatureStore, rows: Sequence[int], batch: int = 64) -> np.ndarray:
-    """CLAP audio embeddings of manifest rows, cached beside the run (keyed by run and rows)."""
+    """Audio embeddings of manifest rows, cached beside the run (keyed by run and rows)."""
     rows = np.asarray(rows, dtype=np.int64)
-    path = Path(run.path) / "cache" / f"clap-audio-{hash_json([run.hash, rows.tolist()])}.npy"
+    path = run.cache_dir / f"clap-audio-{hash_json([run.hash, rows.tolist()])}.npy"
     if path.exists():
         return np.load(path)
     parts = []
@@ -31,7 +31,7 @@ def track_embeddings(run, store: FeatureStore, rows: Sequence[int], batch: int =
         r = rows[lo : lo + batch]
         feats = torch.from_numpy(np.stack([store.features(int(i)) for i in r]))
         mask = torch.from_numpy(np.asarray(store.mask[r], dtype=bool))
-        parts.append(clap_audio(run.clap, feats, mask, batch))
+        parts.append(audio_embeddings(run, feats, mask, batch))
     emb = np.concatenate(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, emb)

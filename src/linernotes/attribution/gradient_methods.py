@@ -1,8 +1,8 @@
 """Gradient-based attribution methods: TRAK, D-TRAK, TracIn, fisher-influence, representer points.
 
-Each is a class built once per (run, training set) with `.attribute(query, out_dir)`, writing the
-same score table as unlearning (`<out_dir>/<query key>.parquet` plus a JSON record): use one
-`out_dir` per method. Training features are stored once (see `gradients.py`) and reused.
+Each is an `Attributor` built once per (run, training set): `scores(query)` for one query, the
+score table written by `Attributor.attribute`. Training features are stored once (see
+`gradients.py`) and reused.
 """
 
 from __future__ import annotations
@@ -20,50 +20,35 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from linernotes.artifacts import hash_json
+from linernotes.attribution.attributor import Attributor, Scored
 from linernotes.attribution.gradients import (
     GradientFeatures,
     GradientSettings,
-    grads_for,
+    matvec,
     sharded_features,
 )
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
 from linernotes.curvature import Fisher
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
-from linernotes.task import Task, draw_noise, expand_draws, fixed_timesteps
+from linernotes.task import Task, draw_noise, expand_draws, fixed_timesteps, trainable
 
 
-def _matvec(phi: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
-    """phi @ q in float64, converting `rows` rows of a float32 matrix at a time."""
-    q = np.asarray(q, dtype=np.float64)
-    return np.concatenate([phi[lo : lo + rows].astype(np.float64) @ q
-                           for lo in range(0, len(phi), rows)] or [np.empty(0)])
-
-
-class _Method:
-    """Shared parts: the training set, its metadata and writing a score table."""
-
-    method = ""
+class GradientMethod(Attributor):
+    """Shared parts: the gradient settings, and the record every gradient method writes."""
 
     def __init__(self, run_hash: str, manifest: pd.DataFrame, train_ids: list[str],
                  settings: GradientSettings | None, progress: bool):
-        self.run_hash, self.manifest, self.train_ids = run_hash, manifest, list(train_ids)
+        super().__init__(run_hash, manifest, train_ids)
         self.settings = settings or GradientSettings()
         self.progress = progress
 
-    def _write(self, query: Query, scores: np.ndarray, out_dir: str | Path, record: dict,
-               t0: float) -> pd.DataFrame:
-        df = score_table(query.key, self.method, self.train_ids, scores, self.manifest)
-        record = {"query": query.key, "caption": query.caption, "source": query.source,
-                  "method": self.method, "run": self.run_hash,
-                  "gradients": self.settings.to_dict(), "seconds": time.perf_counter() - t0,
-                  **record}
-        write_scores(df, Path(out_dir) / f"{query.key}.parquet", record)
-        return df
+    def _scored(self, scores: np.ndarray, record: dict, t0: float) -> Scored:
+        return Scored(scores, {"gradients": self.settings.to_dict(),
+                               "seconds": time.perf_counter() - t0, **record})
 
 
-class TrakAttributor(_Method):
+class TrakAttributor(GradientMethod):
     """TRAK: score_i = φ_q (ΦᵀΦ + λI)⁻¹ φ_i over projected loss gradients (λ = damping × mean
     diagonal of ΦᵀΦ); the N × N dual form is used when k > N."""
 
@@ -104,17 +89,16 @@ class TrakAttributor(_Method):
             self._kernel = (cho_factor(gram), lam, dual)
         return self._kernel
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path) -> Scored:
         t0 = time.perf_counter()
         phi = self.features.train_features()
         cho, lam, dual = self.kernel()
         q = self.features.query_features(query).astype(np.float64)
         if dual:
-            scores = cho_solve(cho, _matvec(phi, q))
+            scores = cho_solve(cho, matvec(phi, q))
         else:
-            scores = _matvec(phi, cho_solve(cho, q))
-        return self._write(query, scores, out_dir, {
+            scores = matvec(phi, cho_solve(cho, q))
+        return self._scored(scores, {
             "lambda": lam, "damping": self.damping, "dual": dual,
             "backend": self.features.engine.choice, "backend_note": self.features.engine.note,
         }, t0)
@@ -136,7 +120,7 @@ class Checkpoint:
     lr: float = 1.0
 
 
-class TracInAttributor(_Method):
+class TracInAttributor(GradientMethod):
     """TracIn: score_i = Σ_c lr_c · φ_i(θ_c) · φ_q(θ_c) (one checkpoint: a gradient dot product)."""
 
     method = "tracin"
@@ -155,18 +139,17 @@ class TracInAttributor(_Method):
             for c in self.checkpoints
         ]
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path) -> Scored:
         t0 = time.perf_counter()
         scores = np.zeros(len(self.train_ids))
         for c, f in zip(self.checkpoints, self.features):
-            scores += c.lr * _matvec(f.train_features(), f.query_features(query))
-        return self._write(query, scores, out_dir, {
+            scores += c.lr * matvec(f.train_features(), f.query_features(query))
+        return self._scored(scores, {
             "checkpoints": [{"run": c.run_hash, "lr": c.lr} for c in self.checkpoints],
         }, t0)
 
 
-class FisherInfluenceAttributor(_Method):
+class FisherInfluenceAttributor(GradientMethod):
     """(1/N) g_iᵀ (F + λI)⁻¹ g_q with the diagonal Fisher: one-step unlearning, linearised.
 
     The features are projections of D^{1/2} g (D = (F + λI)⁻¹, λ as in unlearning): with
@@ -199,12 +182,11 @@ class FisherInfluenceAttributor(_Method):
         self.features = GradientFeatures(task, model, run_hash, train, self.train_ids,
                                          self.settings, cache_dir, scale=scale, progress=progress)
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path) -> Scored:
         t0 = time.perf_counter()
         phi = self.features.train_features()
-        scores = _matvec(phi, self.features.query_features(query)) / len(self.train_ids)
-        return self._write(query, scores, out_dir, {
+        scores = matvec(phi, self.features.query_features(query)) / len(self.train_ids)
+        return self._scored(scores, {
             "damping": self.damping_info, "projection_dim": self.settings.projection_dim,
             "meaning": "first-order loss increase per unit alpha of one Newton unlearning step",
         }, t0)
@@ -258,10 +240,10 @@ def layer_features(task: Task, model: nn.Module, layer: nn.Module, batch: dict,
         handle.remove()
     h = seen["h"].reshape(b * d, -1, seen["h"].shape[-1]).mean(1).view(b, d, -1).mean(1)
     g = dout.reshape(b * d, -1, dout.shape[-1]).sum(1).view(b, d, -1).mean(1)
-    return torch.cat([h, g], dim=1).float()
+    return torch.cat([h, g], dim=1).float().cpu()
 
 
-class RepresenterAttributor(_Method):
+class RepresenterAttributor(GradientMethod):
     """Representer points: score_i = (f_i · f_q)(δ_i · δ_q), f the final layer's input activations
     and δ the loss gradient w.r.t. its output (α_i ∝ −δ_i in Yeh et al.; constants dropped)."""
 
@@ -293,7 +275,7 @@ class RepresenterAttributor(_Method):
 
     def _features_of(self, batch: dict, t: torch.Tensor, noise: torch.Tensor,
                      mask: bool) -> torch.Tensor:
-        with grads_for(self.model, {}):
+        with trainable(self.model, {}):
             return layer_features(self.task, self.model, self.module, batch, t, noise, mask)
 
     def compute_rows(self, lo: int, hi: int) -> np.ndarray:
@@ -338,13 +320,12 @@ class RepresenterAttributor(_Method):
             )
         return self._features
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path) -> Scored:
         t0 = time.perf_counter()
         feats, q = self.train_features(), self.query_features(query)
         n_h = self._split
-        scores = _matvec(feats[:, :n_h], q[:n_h]) * _matvec(feats[:, n_h:], q[n_h:])
-        return self._write(query, scores, out_dir, {"layer": self.layer}, t0)
+        scores = matvec(feats[:, :n_h], q[:n_h]) * matvec(feats[:, n_h:], q[n_h:])
+        return self._scored(scores, {"layer": self.layer}, t0)
 
     def _out_dim(self, probe: np.ndarray) -> int:
         weight = getattr(self.module, "weight", None)

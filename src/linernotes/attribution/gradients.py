@@ -14,8 +14,7 @@ import dataclasses
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +30,14 @@ from linernotes.attribution.query import Query
 from linernotes.config import Settings, require
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
-from linernotes.task import PARAM_GROUPS, Task, draw_noise, expand_draws, fixed_timesteps
+from linernotes.task import (
+    PARAM_GROUPS,
+    Task,
+    draw_noise,
+    expand_draws,
+    fixed_timesteps,
+    trainable,
+)
 
 if TYPE_CHECKING:
     from linernotes.unlearning.newton import UnlearnSettings
@@ -268,20 +274,11 @@ def objective(task: Task, model: nn.Module, batch: dict, t: torch.Tensor, noise:
     return v.view(b, d).mean(1)
 
 
-@contextmanager
-def grads_for(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
-    """Eval mode with gradients only for `params`; flags and mode restored after."""
-    was_training = model.training
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in params)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
+def matvec(phi: np.ndarray, q: np.ndarray, rows: int = 8192) -> np.ndarray:
+    """phi @ q in float64, converting `rows` rows of a float32 matrix at a time."""
+    q = np.asarray(q, dtype=np.float64)
+    return np.concatenate([phi[lo : lo + rows].astype(np.float64) @ q
+                           for lo in range(0, len(phi), rows)] or [np.empty(0)])
 
 
 def _flat(grads) -> torch.Tensor:
@@ -374,7 +371,7 @@ class GradientEngine:
     def __call__(self, batch: dict, t: torch.Tensor, noise: torch.Tensor, output: str,
                  mask: bool) -> torch.Tensor:
         args = (self.task, self.model, self.params, batch, t, noise, output, mask)
-        with grads_for(self.model, self.params):
+        with trainable(self.model, self.params):
             if self.choice == "loop":
                 return grads_loop(*args)
             if self.choice == "vmap":
@@ -405,7 +402,7 @@ def mean_gradient(engine: GradientEngine, batch: dict, t: torch.Tensor, noise: t
     total = None
     for lo in range(0, d, chunk):
         hi = min(d, lo + chunk)
-        with grads_for(engine.model, engine.params):
+        with trainable(engine.model, engine.params):
             g = grads_loop(engine.task, engine.model, engine.params, batch, t[:, lo:hi],
                            noise[:, lo:hi], output, mask)[0] * (hi - lo)
         total = g if total is None else total + g
@@ -533,6 +530,7 @@ class GradientFeatures:
         return self.cache_dir / f"gradients-{hash_json(self.provenance())}"
 
     def _prepare(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.cpu()  # gradients come from the model's device; projections are made here
         if self.scale is not None:
             g = g * self.scale
         return self.projector(g)

@@ -42,7 +42,7 @@ to float precision (tests/test_linear.py checks it against exact unlearning at a
 **α.** With `UnlearnSettings.alpha = 0` (the default) the step is the one the exact method picks:
 the same query gradient (`newton.query_gradient`, the same draws, batch size, group, damping and
 M_U) and the same search for the step that makes the query's probe loss `target_ratio` × its loss
-at θ0 (`newton._choose_step`), so α is bit-identical to exact unlearning's. With `alpha > 0` that
+at θ0 (`newton.choose_step`), so α is bit-identical to exact unlearning's. With `alpha > 0` that
 α is used as given. Either way the score is in the exact score's units, comparable with it; a
 ranking does not depend on α. Only one step is linearised (`steps` must be 1).
 """
@@ -58,25 +58,25 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from linernotes.attribution.gradient_methods import _matvec
-from linernotes.attribution.gradients import GradientFeatures, GradientSettings, grads_for
+from linernotes import device
+from linernotes.attribution.attributor import Attributor, Scored
+from linernotes.attribution.gradients import GradientFeatures, GradientSettings, matvec
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
 from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import Fisher
 from linernotes.errors import LinernotesError
-from linernotes.task import Task
+from linernotes.task import Task, trainable
 from linernotes.unlearning.newton import (
     UnlearnSettings,
-    _choose_step,
     applied,
+    choose_step,
     query_gradient,
     query_loss,
 )
 
 
-class LinearUnlearningAttributor:
+class LinearUnlearningAttributor(Attributor):
     """score_i = (α/N) g_iᵀ (F + λI)⁻¹ g_q from stored (projected) training gradients."""
 
     method = "unlearning-linear"
@@ -92,8 +92,8 @@ class LinearUnlearningAttributor:
         if fisher.run_hash != run_hash:
             raise LinernotesError(f"The Fisher was computed for run {fisher.run_hash}, not for "
                                   f"this run ({run_hash}); recompute it with `linernotes fisher`.")
-        self.task, self.model, self.run_hash = task, model, run_hash
-        self.manifest, self.train, self.train_ids = manifest, train, list(train_ids)
+        super().__init__(run_hash, manifest, train_ids)
+        self.task, self.model, self.train = task, model, train
         self.fisher, self.cache_dir = fisher, Path(cache_dir)
         self.score = score or ScoreSettings()
         self.unlearn = unlearn or UnlearnSettings()
@@ -141,21 +141,22 @@ class LinearUnlearningAttributor:
         feats, damping = self.features(s)
         params = feats.params
         inv, _ = self.fisher.damped_inverse(s.damping)
+        inv = device.move(inv, device.of(self.model))
         scale = 1.0 / len(self.train_ids) if s.n_scaling else 1.0
-        with grads_for(self.model, params):
+        with trainable(self.model, params):
             grad, grad_loss = query_gradient(self.task, self.model, query, params, s.draws,
                                              s.seed, s.mask_query, s.batch_size)
             loss0 = query_loss(self.task, self.model, query, s)
             direction = {n: inv[n] * grad[n] for n in params}
             if s.alpha == 0:
                 zero = {n: torch.zeros_like(p) for n, p in params.items()}
-                step = _choose_step(self.task, self.model, query, s, zero, direction, grad,
+                step = choose_step(self.task, self.model, query, s, zero, direction, grad,
                                     loss0)
             else:
                 step = s.alpha * scale
             with applied(self.model, {n: step * direction[n] for n in params}):
                 loss1 = query_loss(self.task, self.model, query, s)
-        flat = torch.cat([grad[n].reshape(-1) for n in params])
+        flat = torch.cat([grad[n].reshape(-1) for n in params]).cpu()
         record = {"alpha": step / scale, "step": step, "damping": damping,
                   "grad_loss": grad_loss, "query_loss_before": loss0, "query_loss_after": loss1,
                   "ratio": loss1 / loss0 if loss0 else float("nan")}
@@ -182,14 +183,12 @@ class LinearUnlearningAttributor:
         L_i(θ0) for the log-ratio score."""
         feats, _ = self.features(s)
         psi = feats._prepare(grad.reshape(1, -1))[0]
-        out = step * _matvec(feats.train_features(), psi.double().numpy())
+        out = step * matvec(feats.train_features(), psi.double().numpy())
         before = self.baseline()
         return out if before is None else out / before
 
-    def attribute(
-        self, query: Query, out_dir: str | Path, settings: UnlearnSettings | None = None
-    ) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path, settings: UnlearnSettings | None = None) -> Scored:
+        """Every training track's first-order score for `query`."""
         s = settings or self.unlearn
         if s.steps != 1:
             raise LinernotesError(f"The linear mode linearises one Newton step; steps={s.steps} "
@@ -202,14 +201,11 @@ class LinearUnlearningAttributor:
         scores = self.scores_from(grad, record["step"], s)
         t1 = time.perf_counter()
         extra = {} if before is None else {"loss_before": before}
-        df = score_table(query.key, self.method, self.train_ids, scores, self.manifest, **extra)
         record.update({
-            "query": query.key, "caption": query.caption, "source": query.source,
-            "method": self.method, "run": self.run_hash, "unlearn": s.to_dict(),
-            "score": self.score.to_dict(), "gradients": feats.settings.to_dict(),
-            "backend": feats.engine.choice, "seconds_query": t1 - t0,
-            "seconds_features": feats.seconds, "computed_shards": feats.computed_shards,
+            "unlearn": s.to_dict(), "score": self.score.to_dict(),
+            "gradients": feats.settings.to_dict(), "backend": feats.engine.choice,
+            "seconds_query": t1 - t0, "seconds_features": feats.seconds,
+            "computed_shards": feats.computed_shards,
             "meaning": "first-order loss increase of one Newton unlearning step at this alpha",
         })
-        write_scores(df, Path(out_dir) / f"{query.key}.parquet", record)
-        return df
+        return Scored(scores, record, extra)

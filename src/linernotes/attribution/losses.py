@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from linernotes import distributed
 from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
-from linernotes.config import Settings, require
+from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
 from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
@@ -49,16 +49,18 @@ def score_of(before: np.ndarray, after: np.ndarray, kind: str = "log-ratio") -> 
 class ScoreSettings(Settings):
     """How each training track's loss is measured (identically before and after unlearning)."""
 
-    timesteps: int = 20  # fixed timesteps per track (AbC: 20 at stride 50 of 1000)
-    stride: int = 50
-    seed: int = 0
-    mask_train: bool = False  # M_L: mask each track's padding in its scoring loss
-    batch_size: int = 16  # tracks per batch (x timesteps rows per forward)
-    shard_size: int = 512  # tracks per shard on disk
-    kind: str = "log-ratio"  # score from the two losses: "log-ratio" or "delta" (the paper's)
+    timesteps: int = setting(20, "Fixed scoring timesteps per track (AbC: 20 at stride 50).")
+    stride: int = setting(50, "Stride of the scoring timesteps (of 1000).")
+    seed: int = setting(0, "Seed of the scoring noise.")
+    mask_train: bool = setting(False, "M_L: mask training tracks' padding in their scoring loss.")
+    batch_size: int = setting(16, "Tracks per batch (x timesteps rows per forward).")
+    shard_size: int = setting(512, "Tracks per shard on disk.")
+    kind: str = setting("log-ratio", "Score from each track's losses before and after "
+                        "unlearning: log-ratio, or delta (the papers').")
     # forward passes in bfloat16 autocast: 2.1x faster on this machine's CPU (AMX), scores
     # within the draws' own noise (docs/benchmarks.md, scale section (8)); float32 by default
-    precision: str = "float32"
+    precision: str = setting("float32", "Scoring forwards in float32 or bfloat16 (autocast; "
+                             "2x faster on CPUs with AMX, and GPUs).")
 
     def validate(self) -> None:
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
@@ -98,7 +100,7 @@ def track_losses(
                               seed=settings.seed, timesteps=ts)
         with autocast(model, settings.precision):
             losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
-        out[pos : pos + len(losses)] = losses.double().numpy()
+        out[pos : pos + len(losses)] = losses.double().cpu().numpy()
         pos += len(losses)
     return out
 

@@ -1,30 +1,28 @@
 """Every attribution method behind one front door: the registry `METHODS` and `make_attributor`.
 
-A method is built once per (run, settings) and then scores any number of queries, writing the
-same Parquet score table (`scores.py`). Its settings are one or more `Settings` sections (e.g.
-`unlearn`, `score` and `fisher` for unlearning); overrides are a flat dict whose keys name a
-field of the method's main section (`alpha`), of the one other section that has it (`timesteps`)
-or `section.field` (`fisher.draws`). Training-side features (gradients, embeddings, baseline
-losses) are cached in the run's `cache/` folder, keyed by what they depend on, so a second query
-or a second process reuses them.
+A method is an `Attributor` (`attributor.py`) built once per (run, settings); it then scores any
+number of queries, each written as the same Parquet score table. Its settings are one or more
+`Settings` sections (e.g. `unlearn`, `score` and `fisher` for unlearning); overrides are a flat
+dict whose keys name a field of the method's main section (`alpha`), of the one other section
+that has it (`timesteps`) or `section.field` (`fisher.draws`). Training-side features (gradients,
+embeddings, baseline losses) are cached in the run's cache folder, keyed by what they depend on,
+so a second query or a second process reuses them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pandas as pd
 
-from linernotes.attribution import front
+from linernotes.attribution.attributor import Attributor
 from linernotes.attribution.gradients import GradientSettings
 from linernotes.attribution.losses import ScoreSettings
-from linernotes.attribution.query import Query
 from linernotes.config import Settings, require
-from linernotes.curvature import FisherSettings
+from linernotes.curvature import FisherSettings, covering_group
 from linernotes.errors import LinernotesError
 from linernotes.unlearning.newton import UnlearnSettings
 
@@ -111,7 +109,7 @@ class MethodSpec:
 def _fisher_default(resolved: dict[str, Settings]) -> FisherSettings:
     """The Fisher over the group covering the main section's group (one file serves several)."""
     main = next(iter(resolved.values()))
-    return FisherSettings(group=front.fisher_group(main.group))
+    return FisherSettings(group=covering_group(main.group))
 
 
 _FISHER = Section("fisher", FisherSettings, _fisher_default)
@@ -264,19 +262,6 @@ def _place(spec: MethodSpec, key: str) -> tuple[str, str]:
                           f"{' or '.join(f'{s}.{key}' for s in owners)}.")
 
 
-def _coerce(cls: type, field: str, value: Any, key: str) -> Any:
-    """A `--set` string converted to the field's type (other values pass through)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if not isinstance(value, str):
-        return value
-    try:
-        return cls.parse_value(field, value)
-    except ValueError:
-        raise LinernotesError(f"Setting {key}={value!r}: expected a value of type "
-                              f"{_fields(cls)[field].type}.") from None
-
-
 def resolve_settings(
     name: str, overrides: Mapping[str, Any] | None = None,
     base: Mapping[str, Settings | None] | None = None,
@@ -292,7 +277,7 @@ def resolve_settings(
     changes: dict[str, dict[str, Any]] = {sec: {} for sec in classes}
     for key, value in (overrides or {}).items():
         section, field = _place(spec, key)
-        changes[section][field] = _coerce(classes[section], field, value, key)
+        changes[section][field] = classes[section].coerce(field, value, f"--set {key}")
     resolved: dict[str, Settings] = {}
     for sec in spec.sections:
         start = base.get(sec.name) or sec.make_default(resolved)
@@ -306,50 +291,7 @@ def resolve_settings(
     return resolved
 
 
-def parse_assignments(items: Sequence[str] | None) -> dict[str, str]:
-    """`["key=value", ...]` (the CLI's `--set`) as a dict of strings."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LinernotesError(f"--set takes key=value (e.g. --set projection_dim=512), "
-                                  f"not {item!r}.")
-        out[key.strip()] = value
-    return out
-
-
 # ---------------------------------------------------------------------------- the factory
-
-
-class Attributor:
-    """A method ready to score queries against one run's training set."""
-
-    def __init__(self, spec: MethodSpec, impl: Any, settings: dict[str, Settings]):
-        self.spec, self.impl, self.settings = spec, impl, settings
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query key>.parquet`."""
-        return self.impl.attribute(query, out_dir)
-
-    def attribute_many(self, queries: Sequence[Query], out_dir: str | Path) -> list[pd.DataFrame]:
-        """Score several queries (peers do them in one pass); one table per query."""
-        many = getattr(self.impl, "attribute_many", None)
-        if many is not None and queries:
-            return many(list(queries), out_dir)
-        return [self.attribute(q, out_dir) for q in queries]
-
-
-def cache_dir(run) -> Path:
-    """Where a run's reusable training-side features live (one folder, keyed inside)."""
-    return Path(run.path) / "cache"
 
 
 def make_attributor(
@@ -357,9 +299,9 @@ def make_attributor(
     overrides: Mapping[str, Any] | None = None,
     base: Mapping[str, Settings | None] | None = None, progress: bool = True,
 ) -> Attributor:
-    """Build method `name` (see METHODS) for `run`.
+    """Build method `name` (see METHODS) for `run`; its `spec` and resolved `sections` are set.
 
-    `train_set`: the run's `(store, dataset, track ids)` from `front.train_set`, if already made.
+    `train_set`: the run's `(store, dataset, track ids)` from `Run.train_set`, if already made.
     `base`: starting settings per section (e.g. {"unlearn": UnlearnSettings(...)});
     `overrides`: a flat dict of changes, validated against the method's Settings classes.
     """
@@ -370,12 +312,13 @@ def make_attributor(
         raise LinernotesError(f"Method {spec.name} cannot run here: {why}")
     builder = {"counterfactual": _unlearning, "gradient": _gradient, "similarity": _similarity,
                "peer": _peer}[spec.kind]
-    return Attributor(spec, builder(spec, run, manifest, train_set, settings, progress),
-                      settings)
+    attributor = builder(spec, run, manifest, train_set, settings, progress)
+    attributor.spec, attributor.sections = spec, settings
+    return attributor
 
 
 def _train(run, manifest, train_set, progress):
-    return train_set if train_set is not None else front.train_set(run, manifest, progress)
+    return train_set if train_set is not None else run.train_set(manifest, progress)
 
 
 def _unlearning(spec, run, manifest, train_set, s, progress):
@@ -385,17 +328,17 @@ def _unlearning(spec, run, manifest, train_set, s, progress):
     if spec.name == "mucs":
         from linernotes.attribution.mucs import MucsAttributor
 
-        return MucsAttributor(run, manifest, train, ids, cache_dir(run), s["mucs"], s["score"],
+        return MucsAttributor(run, manifest, train, ids, run.cache_dir, s["mucs"], s["score"],
                               progress)
-    fisher = front.fisher_for(run, train, s["fisher"], progress)
+    fisher = run.fisher(manifest, s["fisher"], progress)
     if spec.name == "unlearning-linear":
         from linernotes.attribution.linear import LinearUnlearningAttributor
 
         return LinearUnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids,
-                                          fisher, cache_dir(run), s["score"], progress,
+                                          fisher, run.cache_dir, s["score"], progress,
                                           unlearn=s["unlearn"], **s["projection"].to_dict())
     return UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids, fisher,
-                                cache_dir(run), s["score"], progress, unlearn=s["unlearn"])
+                                run.cache_dir, s["score"], progress, unlearn=s["unlearn"])
 
 
 def _gradient(spec, run, manifest, train_set, s, progress):
@@ -406,13 +349,13 @@ def _gradient(spec, run, manifest, train_set, s, progress):
     args = (run.task, run.model, run.hash, manifest, train, ids)
     g, extra = s["gradients"], s.get("method")
     if spec.name in ("trak", "dtrak"):
-        return cls(*args, cache_dir(run), g, damping=extra.damping, progress=progress)
+        return cls(*args, run.cache_dir, g, damping=extra.damping, progress=progress)
     if spec.name == "fisher-influence":
-        fisher = front.fisher_for(run, train, s["fisher"], progress)
-        return cls(*args, fisher, cache_dir(run), g, damping=extra.damping, progress=progress)
+        fisher = run.fisher(manifest, s["fisher"], progress)
+        return cls(*args, fisher, run.cache_dir, g, damping=extra.damping, progress=progress)
     if spec.name == "representer":
-        return cls(*args, cache_dir(run), g, layer=extra.layer or None, progress=progress)
-    return cls(*args, cache_dir(run), g, progress=progress)
+        return cls(*args, run.cache_dir, g, layer=extra.layer or None, progress=progress)
+    return cls(*args, run.cache_dir, g, progress=progress)
 
 
 def _similarity(spec, run, manifest, train_set, s, progress):
@@ -427,5 +370,5 @@ def _peer(spec, run, manifest, train_set, s, progress):
 
     _, train, ids = _train(run, manifest, train_set, progress)
     return PeerAttributor(spec.name, run.task, run.model, run.hash, manifest, train, ids,
-                          cache_dir(run) / "peers", settings=s["gradients"],
+                          run.cache_dir / "peers", settings=s["gradients"],
                           damping=s["peer"].damping or None, progress=progress)

@@ -36,12 +36,13 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from linernotes.artifacts import hash_json
+from linernotes.attribution.attributor import Attributor, Scored
 from linernotes.attribution.losses import ScoreSettings, sharded_losses, track_losses
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
 from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.config import require
-from linernotes.training import LOSS_LOG, Run
+from linernotes.run import Run
+from linernotes.training import LOSS_LOG
 from linernotes.unlearning.mirrored import Mirrored, MirroredSettings
 from linernotes.unlearning.trainer import RETAIN_STREAM, diffusion_terms, fit_method, method_context
 
@@ -103,7 +104,7 @@ def query_fingerprint(query: Query) -> str:
     return h.hexdigest()[:16]
 
 
-class MucsAttributor:
+class MucsAttributor(Attributor):
     """Scores training tracks for queries by mirrored unlearning (MUCS)."""
 
     method = "mucs"
@@ -113,7 +114,8 @@ class MucsAttributor:
         cache_dir: str | Path, settings: MucsSettings | None = None,
         score: ScoreSettings | None = None, progress: bool = True,
     ):
-        self.run, self.manifest, self.train, self.train_ids = run, manifest, train, train_ids
+        super().__init__(run.hash, manifest, train_ids)
+        self.run, self.train = run, train
         self.settings = settings or MucsSettings()
         self.score = score or ScoreSettings()
         self.progress = progress
@@ -128,18 +130,14 @@ class MucsAttributor:
         keep = [i for i, t in enumerate(self.train_ids) if t != query.track_id]
         return Subset(self.train, keep), True
 
-    def attribute(
-        self, query: Query, out_dir: str | Path, settings: MucsSettings | None = None
-    ) -> pd.DataFrame:
-        """Unlearn `query` by mirrored ascent, score every training track, write
-        `<out_dir>/<query>.parquet` (and the record beside it)."""
-        out_dir = Path(out_dir)
+    def scores(self, query: Query, work: Path, settings: MucsSettings | None = None) -> Scored:
+        """Unlearn `query` by mirrored ascent, score every training track."""
         s = settings or self.settings
         before = self.base.baseline()
         key = hash_json({"run": self.run.hash, "query": query.key,
                          "content": query_fingerprint(query), "mucs": s.to_dict(),
                          "draws": self.score.draw_key()})
-        work = out_dir / ".work" / f"{query.key}-mucs-{key}"
+        work = Path(work) / f"{query.key}-mucs-{key}"
         t0 = time.perf_counter()
         forget = QueryDataset([query])
         retain, left_out = self._retain(query)
@@ -159,13 +157,9 @@ class MucsAttributor:
             f"score {query.key}", self.progress,
         )
         t2 = time.perf_counter()
-        df = score_table(query.key, self.method, self.train_ids,
-                         normalised_difference(before, after), self.manifest,
-                         loss_before=before, loss_after=after)
         resumed = len(result.losses) < result.steps
         record = {
-            "query": query.key, "caption": query.caption, "source": query.source,
-            "method": self.method, "run": self.run.hash, "mucs": s.to_dict(),
+            "mucs": s.to_dict(),
             "score": self.score.to_dict(), "score_rule": "(L_u - L_t) / (L_u + L_t + eps)",
             "eps": EPS, "null_loss": impl.null, "steps": result.steps,
             "stopped": result.stopped,
@@ -177,10 +171,10 @@ class MucsAttributor:
             "query_left_out_of_retain": left_out, "n_retain": len(retain),
             "seconds_unlearn": t1 - t0, "seconds_score": t2 - t1,
         }
-        write_scores(df, out_dir / f"{query.key}.parquet", record)
         # done: keep the step log, drop the copy's weights and optimiser state
         log = work / "unlearn" / LOSS_LOG
         if log.exists():
-            shutil.copyfile(log, work / "unlearn_losses.jsonl")
+            shutil.copyfile(log, work / "steps.jsonl")
         shutil.rmtree(work / "unlearn", ignore_errors=True)
-        return df
+        return Scored(normalised_difference(before, after), record,
+                      {"loss_before": before, "loss_after": after})

@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from linernotes.artifacts import hash_json
+from linernotes.attribution.attributor import Attributor, Scored
 from linernotes.attribution.gradients import GradientSettings, TaskObjective
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
 from linernotes.errors import LinernotesError
 from linernotes.task import Task, draw_noise, fixed_timesteps
 
@@ -291,7 +291,7 @@ class _Kronfluence:
 # --------------------------------------------------------------------------------- front door
 
 
-class PeerAttributor:
+class PeerAttributor(Attributor):
     """One peer method (see PEER_METHODS) on linernotes' Task, model, draws and queries."""
 
     def __init__(
@@ -303,10 +303,10 @@ class PeerAttributor:
         if name not in PEER_METHODS:
             raise LinernotesError(f"Unknown peer method {name!r}; choose one of "
                                   f"{', '.join(PEER_METHODS)}.")
-        self.name, self.lib = name, name.split("-")[0]
+        super().__init__(run_hash, manifest, train_ids)
+        self.peer, self.lib = name, name.split("-")[0]
         require(self.lib)
-        self.task, self.model, self.run_hash = task, model, run_hash
-        self.manifest, self.train, self.train_ids = manifest, train, list(train_ids)
+        self.task, self.model, self.train = task, model, train
         self.settings = settings or GradientSettings(projection_dim=0)
         self.work_dir, self.damping, self.progress = Path(work_dir), damping, progress
         self.params = task.parameter_names(model, self.settings.group)
@@ -316,37 +316,29 @@ class PeerAttributor:
 
     @property
     def method(self) -> str:
-        return f"peer:{self.name}"
+        return f"peer:{self.peer}"
 
-    def scores(self, queries: Sequence[Query]) -> np.ndarray:
+    def score_matrix(self, queries: Sequence[Query]) -> np.ndarray:
         """(n_train, n_query) scores of the peer method."""
         if self._runner is None:
             train = _train_samples(self.task, self.train, self.train_ids, self.settings)
             if self.lib == "dattri":
-                self._runner = _Dattri(self.name, self.task, self.model, self.params, train,
+                self._runner = _Dattri(self.peer, self.task, self.model, self.params, train,
                                        self.settings, self.damping)
             else:
-                self._runner = _Kronfluence(self.name.split("-", 1)[1], self.task, self.model,
+                self._runner = _Kronfluence(self.peer.split("-", 1)[1], self.task, self.model,
                                             self.params, train, self.settings, self.damping,
-                                            self.work_dir / self.name, self.progress)
+                                            self.work_dir / self.peer, self.progress)
         return self._runner.scores(_query_samples(self.task, queries, self.settings))
 
-    def attribute_many(self, queries: Sequence[Query], out_dir: str | Path) -> list[pd.DataFrame]:
-        """Score every training track for each query (one peer run); write one table each."""
+    def scores_many(self, queries: Sequence[Query], work: Path) -> list[Scored]:
+        """Every training track's score for each query, in one peer run."""
         t0 = time.perf_counter()
-        scores = self.scores(queries)
+        scores = self.score_matrix(queries)
         seconds = time.perf_counter() - t0
-        tables = []
-        for j, q in enumerate(queries):
-            df = score_table(q.key, self.method, self.train_ids, scores[:, j], self.manifest)
-            record = {"query": q.key, "caption": q.caption, "source": q.source,
-                      "method": self.method, "run": self.run_hash,
-                      "gradients": self.settings.to_dict(), "damping": self.damping,
-                      "seconds_all_queries": seconds, "n_queries": len(queries)}
-            write_scores(df, Path(out_dir) / f"{q.key}.parquet", record)
-            tables.append(df)
-        return tables
+        record = {"gradients": self.settings.to_dict(), "damping": self.damping,
+                  "seconds_all_queries": seconds, "n_queries": len(queries)}
+        return [Scored(scores[:, j], dict(record)) for j in range(len(queries))]
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for one query; write `<out_dir>/<query>.parquet`."""
-        return self.attribute_many([query], out_dir)[0]
+    def scores(self, query: Query, work: Path) -> Scored:
+        return self.scores_many([query], work)[0]

@@ -15,7 +15,7 @@ class Query:
     """
 
     key: str
-    features: torch.Tensor  # (n_frames, n_mels), normalised
+    features: torch.Tensor  # (n_frames, ...): the model's features, normalised
     mask: torch.Tensor  # (n_frames,) bool
     caption: str
     source: str = ""  # where it came from: a clip path, "train:<track id>", an audio file

@@ -1,16 +1,15 @@
 """Non-counterfactual similarity baselines: CLAP audio/text, basic-pitch, chroma-MFCC, LPIPS-DiT.
 
-Each method is a class built once per (run, training set) with `.attribute(query, out_dir)`,
-writing the same score table as unlearning (`<out_dir>/<query key>.parquet` + a JSON record):
-use one `out_dir` per method. Training-side features are computed once and cached in the run's
-`cache/` folder, keyed by the run, the training rows and the method's settings.
+Each method is an `Attributor` built once per (run, training set), writing the same score table
+as unlearning. Training-side features are computed once and cached in the run's cache folder,
+keyed by the run, the training rows and the method's settings. Audio comes from the corpus files,
+the clip's WAV, or the run's family turning features back into audio.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,13 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from linernotes.artifacts import atomic_path, hash_file, hash_json, read_json
-from linernotes.attribution.embeddings import clap_audio, track_embeddings
-from linernotes.attribution.front import train_set
+from linernotes.attribution.attributor import Attributor, Scored
+from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
+from linernotes.clips import KIND as CLIP_KIND
 from linernotes.config import Settings, require
 from linernotes.data.audio import AUDIO_SUFFIXES, load_audio
-from linernotes.data.features import db_to_audio
 from linernotes.data.manifest import audio_path
 from linernotes.errors import LinernotesError
 from linernotes.task import draw_noise
@@ -37,24 +35,15 @@ from linernotes.task import draw_noise
 # ---------------------------------------------------------------------------- audio of items
 
 
-def frames_to_audio(run, features: np.ndarray, mask: np.ndarray, n_iter: int = 32,
-                    seed: int = 0) -> np.ndarray:
-    """The product vocoder's audio of normalised frames (T, M), cut to the real frames."""
-    f = run.features
-    n = max(1, int(np.asarray(mask).sum()))
-    frames = np.asarray(features)[: min(n + 1, f.n_frames)]  # one frame closes the last
-    audio = db_to_audio(run.stats.denormalise(frames), f, n_iter=n_iter, seed=seed)
-    return audio[: n * f.hop_length]
-
-
 def track_audio(run, manifest: pd.DataFrame, row: int, sample_rate: int) -> np.ndarray:
     """A manifest row's audio at `sample_rate`, cut to the model's clip length."""
     audio = load_audio(audio_path(manifest, manifest.iloc[int(row)]), sample_rate)
-    return audio[: int(round(run.features.seconds * sample_rate))]
+    return audio[: int(round(run.family.seconds * sample_rate))]
 
 
 def query_audio(query: Query, run, manifest: pd.DataFrame, sample_rate: int) -> np.ndarray:
-    """The query's audio: its training track, its clip's WAV or audio file, else Griffin-Lim."""
+    """The query's audio: its training track, its clip's WAV or audio file, else its features
+    decoded by the run's family."""
     if query.track_id is not None:
         row = int(np.flatnonzero(manifest["track_id"].to_numpy() == query.track_id)[0])
         return track_audio(run, manifest, row, sample_rate)
@@ -63,15 +52,15 @@ def query_audio(query: Query, run, manifest: pd.DataFrame, sample_rate: int) -> 
         side = src.with_suffix(".json")
         if side.exists():
             meta = read_json(side)
-            if meta.get("kind") == "linernotes-clip":
+            if meta.get("kind") == CLIP_KIND:
                 src = side.parent / meta["audio"]
         if src.suffix.lower() in AUDIO_SUFFIXES and src.exists():
             return load_audio(src, sample_rate)
-    audio = frames_to_audio(run, query.features.numpy(), query.mask.numpy())
-    if sample_rate != run.features.sample_rate:
+    audio = run.family.decode(query.features.numpy(), query.mask.numpy())
+    if sample_rate != run.family.sample_rate:
         import librosa
 
-        audio = librosa.resample(audio, orig_sr=run.features.sample_rate, target_sr=sample_rate,
+        audio = librosa.resample(audio, orig_sr=run.family.sample_rate, target_sr=sample_rate,
                                  res_type="soxr_hq")
     return audio
 
@@ -227,11 +216,12 @@ def basic_pitch_embedding(audio: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def basic_pitch_frames(run, features: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-    """(B, BASIC_PITCH_DIM) embeddings of normalised frames via Griffin-Lim (audit's hook form)."""
+    """(B, BASIC_PITCH_DIM) embeddings of normalised features, decoded to audio by the run's
+    family (the audit's `EMBEDDERS` hook form)."""
     feats = np.asarray(features.detach().cpu().numpy())
     masks = np.asarray(mask.cpu().numpy(), dtype=bool)
-    rate = run.features.sample_rate
-    return np.stack([basic_pitch_embedding(frames_to_audio(run, x, m), rate)
+    rate = run.family.sample_rate
+    return np.stack([basic_pitch_embedding(run.family.decode(x, m), rate)
                      for x, m in zip(feats, masks)])
 
 
@@ -258,31 +248,24 @@ def chroma_mfcc(audio: np.ndarray, sample_rate: int, n_fft: int = 2048,
 # ---------------------------------------------------------------------------- the methods
 
 
-class SimilarityMethod:
-    """Shared parts: the run's training set, the score table, the JSON record."""
-
-    method = ""
+class SimilarityMethod(Attributor):
+    """Shared parts: the run's training set and the record; subclasses implement `similarity`."""
 
     def __init__(self, run, manifest: pd.DataFrame, progress: bool = True):
-        self.run, self.manifest, self.progress = run, manifest, progress
-        self.store, train, self.train_ids = train_set(run, manifest, progress)
+        self.store, train, train_ids = run.train_set(manifest, progress)
+        super().__init__(run.hash, manifest, train_ids)
+        self.run, self.progress = run, progress
         self.rows = np.asarray(train.rows, dtype=np.int64)
-        self.cache_dir = Path(run.path) / "cache"
+        self.cache_dir = run.cache_dir
 
-    def scores(self, query: Query) -> tuple[np.ndarray, dict]:
+    def similarity(self, query: Query) -> tuple[np.ndarray, dict]:
         """(N,) similarity of every training track to `query` (higher = more credited), record."""
         raise NotImplementedError
 
-    def attribute(self, query: Query, out_dir: str | Path) -> pd.DataFrame:
-        """Score every training track for `query`; write `<out_dir>/<query>.parquet`."""
+    def scores(self, query: Query, work: Path) -> Scored:
         t0 = time.perf_counter()
-        scores, extra = self.scores(query)
-        df = score_table(query.key, self.method, self.train_ids, scores, self.manifest)
-        record = {"query": query.key, "caption": query.caption, "source": query.source,
-                  "method": self.method, "run": self.run.hash,
-                  "seconds": time.perf_counter() - t0, **extra}
-        write_scores(df, Path(out_dir) / f"{query.key}.parquet", record)
-        return df
+        scores, extra = self.similarity(query)
+        return Scored(scores, {"seconds": time.perf_counter() - t0, **extra})
 
     def _cache(self, name: str, key: object) -> Path:
         return self.cache_dir / f"{name}-{hash_json([self.run.hash, self.rows.tolist(), key])}.npy"
@@ -301,9 +284,9 @@ class ClapAudioSimilarity(SimilarityMethod):
         return track_embeddings(self.run, self.store, self.rows)
 
     def query_embedding(self, query: Query) -> np.ndarray:
-        return clap_audio(self.run.clap, query.features[None], query.mask[None])[0]
+        return audio_embeddings(self.run, query.features[None], query.mask[None])[0]
 
-    def scores(self, query: Query) -> tuple[np.ndarray, dict]:
+    def similarity(self, query: Query) -> tuple[np.ndarray, dict]:
         return self.train_embeddings() @ self.query_embedding(query), {}
 
 
@@ -312,9 +295,8 @@ class ClapTextSimilarity(ClapAudioSimilarity):
 
     method = "clap-text"
 
-    @torch.no_grad()
     def query_embedding(self, query: Query) -> np.ndarray:
-        return self.run.clap.embed_text([query.caption]).float().numpy()[0]
+        return self.run.family.embed_text([query.caption]).float().numpy()[0]
 
 
 class _AudioEmbeddingSimilarity(SimilarityMethod):
@@ -359,7 +341,7 @@ class BasicPitchSimilarity(_AudioEmbeddingSimilarity):
     def embed(self, audio: np.ndarray) -> np.ndarray:
         return basic_pitch_embedding(audio, BASIC_PITCH_RATE)
 
-    def scores(self, query: Query) -> tuple[np.ndarray, dict]:
+    def similarity(self, query: Query) -> tuple[np.ndarray, dict]:
         return self.train_embeddings() @ self.query_embedding(query), {"dim": BASIC_PITCH_DIM}
 
 
@@ -371,7 +353,7 @@ class ChromaMfccSimilarity(_AudioEmbeddingSimilarity):
 
     def __init__(self, run, manifest: pd.DataFrame, progress: bool = True):
         super().__init__(run, manifest, progress)
-        self.sample_rate = run.features.sample_rate
+        self.sample_rate = run.family.sample_rate
 
     def embed(self, audio: np.ndarray) -> np.ndarray:
         return chroma_mfcc(audio, self.sample_rate)
@@ -380,7 +362,7 @@ class ChromaMfccSimilarity(_AudioEmbeddingSimilarity):
         mean, std = train.mean(0), train.std(0)
         return _unit((x - mean) / np.where(std > 1e-8, std, 1.0))
 
-    def scores(self, query: Query) -> tuple[np.ndarray, dict]:
+    def similarity(self, query: Query) -> tuple[np.ndarray, dict]:
         train = self.train_embeddings()
         q = self._standardise(self.query_embedding(query)[None], train)[0]
         return self._standardise(train, train) @ q, {}
@@ -400,7 +382,7 @@ class LpipsSettings(Settings):
     seed: int = 0
     time_pool: int = 4  # frames averaged per compared position (after unit-normalising)
     condition: str = "own"  # "own": each clip with its own caption; "null": unconditional
-    layers: tuple[str, ...] = ()  # module names; () = every `transformer_blocks.<i>`
+    layers: tuple[str, ...] = ()  # module names; () = the family's transformer blocks
     batch_size: int = 16
 
     def validate(self) -> None:
@@ -408,12 +390,6 @@ class LpipsSettings(Settings):
                 "timesteps must be one or more values in (0, 1).")
         require(self.time_pool >= 1 and self.batch_size >= 1, "time_pool/batch_size must be >= 1.")
         require(self.condition in CONDITIONING, f"condition must be one of {CONDITIONING}.")
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Names of the model's transformer blocks (`...transformer_blocks.<i>`), in order."""
-    pattern = re.compile(r"(^|\.)transformer_blocks\.\d+$")
-    return [name for name, _ in model.named_modules() if pattern.search(name)]
 
 
 @torch.no_grad()
@@ -458,7 +434,7 @@ def _pool(h: torch.Tensor, n_frames: int, pool: int) -> torch.Tensor:
                               "(batch, positions, channels) outputs.")
     if h.shape[1] >= n_frames:
         h = h[:, h.shape[1] - n_frames :]
-    h = F.normalize(h.float(), dim=-1)
+    h = F.normalize(h.float().cpu(), dim=-1)
     return _pool_time(h, pool)
 
 
@@ -484,10 +460,10 @@ class LpipsDitSimilarity(SimilarityMethod):
         super().__init__(run, manifest, progress)
         self.settings = settings or LpipsSettings()
         self.task, self.model = run.task, run.model
-        self.layers = list(self.settings.layers) or block_names(self.model)
+        self.layers = list(self.settings.layers) or run.family.block_names(self.model)
         if not self.layers:
-            raise LinernotesError("The model has no `transformer_blocks.<i>` modules; name the "
-                                  "layers to compare with LpipsSettings(layers=...).")
+            raise LinernotesError("The model has no transformer blocks; name the layers to "
+                                  "compare with --set layers=...")
         missing = [n for n in self.layers if n not in dict(self.model.named_modules())]
         if missing:
             raise LinernotesError(f"The model has no module(s) {missing}.")
@@ -550,7 +526,7 @@ class LpipsDitSimilarity(SimilarityMethod):
             out.append((d * w).sum(-1).mean((1, 2)))
         return np.concatenate(out)
 
-    def scores(self, query: Query) -> tuple[np.ndarray, dict]:
+    def similarity(self, query: Query) -> tuple[np.ndarray, dict]:
         return -self.distances(query), {"lpips": {**self.settings.to_dict(),
                                                   "layers": self.layers}}
 

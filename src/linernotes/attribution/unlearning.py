@@ -16,15 +16,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from linernotes.artifacts import hash_json
+from linernotes.attribution.attributor import Attributor, Scored
 from linernotes.attribution.losses import ScoreSettings, score_of, sharded_losses
 from linernotes.attribution.query import Query
-from linernotes.attribution.scores import score_table, write_scores
 from linernotes.curvature import Fisher
 from linernotes.task import Task
 from linernotes.unlearning.newton import UnlearnSettings, applied, unlearn_query
 
 
-class UnlearningAttributor:
+class UnlearningAttributor(Attributor):
     """Scores training tracks for queries by unlearning; owns the cached baseline losses."""
 
     method = "unlearning"
@@ -35,8 +35,8 @@ class UnlearningAttributor:
         score: ScoreSettings | None = None, progress: bool = True,
         unlearn: UnlearnSettings | None = None,
     ):
-        self.task, self.model, self.run_hash = task, model, run_hash
-        self.manifest, self.train, self.train_ids = manifest, train, train_ids
+        super().__init__(run_hash, manifest, train_ids)
+        self.task, self.model, self.train = task, model, train
         self.fisher, self.cache_dir = fisher, Path(cache_dir)
         self.score = score or ScoreSettings()
         self.unlearn = unlearn or UnlearnSettings()
@@ -56,11 +56,8 @@ class UnlearningAttributor:
             )
         return self._before
 
-    def attribute(
-        self, query: Query, out_dir: str | Path, settings: UnlearnSettings | None = None
-    ) -> pd.DataFrame:
-        """Unlearn `query`, score every training track, write `<out_dir>/<query>.parquet`."""
-        out_dir = Path(out_dir)
+    def scores(self, query: Query, work: Path, settings: UnlearnSettings | None = None) -> Scored:
+        """Unlearn `query` (with `settings`, default the attributor's), score every track."""
         settings = settings or self.unlearn
         before = self.baseline()
         t0 = time.perf_counter()
@@ -68,21 +65,15 @@ class UnlearningAttributor:
                                       n_train=len(self.train_ids))
         t1 = time.perf_counter()
         key = hash_json([settings.to_dict(), record["alpha"], self.score.draw_key()])
-        work = out_dir / ".work" / f"{query.key}-{key}"
         with applied(self.model, delta):
             after = sharded_losses(
-                self.task, self.model, self.train, self.train_ids, self.score, work,
+                self.task, self.model, self.train, self.train_ids, self.score,
+                Path(work) / f"{query.key}-{key}",
                 {**self._provenance(), "query": query.key, "unlearn": settings.to_dict()},
                 f"score {query.key}", self.progress,
             )
         t2 = time.perf_counter()
-        scores = score_of(before, after, self.score.kind)
-        df = score_table(query.key, self.method, self.train_ids, scores, self.manifest,
-                         loss_before=before, loss_after=after)
-        record.update({
-            "query": query.key, "caption": query.caption, "source": query.source,
-            "method": self.method, "run": self.run_hash, "unlearn": settings.to_dict(),
-            "score": self.score.to_dict(), "seconds_unlearn": t1 - t0, "seconds_score": t2 - t1,
-        })
-        write_scores(df, out_dir / f"{query.key}.parquet", record)
-        return df
+        record.update({"unlearn": settings.to_dict(), "score": self.score.to_dict(),
+                       "seconds_unlearn": t1 - t0, "seconds_score": t2 - t1})
+        return Scored(score_of(before, after, self.score.kind), record,
+                      {"loss_before": before, "loss_after": after})

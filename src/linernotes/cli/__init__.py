@@ -9,16 +9,15 @@ import sys
 
 import typer
 
-from linernotes.cli.common import app, fail
+from linernotes.cli.common import app
 from linernotes.errors import LinernotesError
 
 # isort: off
 # importing registers the commands, in the order `--help` lists them
-from linernotes.cli import model, attribution, optout, credit, evaluate  # noqa: F401, E402
-from linernotes.cli.attribution import print_credits  # noqa: E402
+from linernotes.cli import model, attribution, optout, credit, evaluate, demo  # noqa: F401, E402
 # isort: on
 
-__all__ = ["app", "fail", "print_credits", "run"]
+__all__ = ["app", "run"]
 
 
 @app.command()

@@ -6,33 +6,34 @@ from pathlib import Path
 
 import typer
 
-from linernotes.cli.common import (
-    _manifest,
-    app,
-)
+from linernotes.attribution.losses import ScoreSettings
+from linernotes.cli.common import Options, app, on_device, read_corpus, with_settings
+from linernotes.config import parse_assignments
+from linernotes.curvature import FisherSettings
 from linernotes.errors import LinernotesError
+from linernotes.unlearning.newton import UnlearnSettings
+
+#: The unlearning options of `attribute` and `evaluate consistency`.
+UNLEARN_OPTIONS = Options("unlearn", UnlearnSettings, ("group", "alpha", "target_ratio", "draws",
+                                                       "steps", "damping", "mask_query"))
 
 
 @app.command()
+@on_device
+@with_settings(Options("settings", FisherSettings, ("group", "samples", "draws")))
 def fisher(
     run: Path = typer.Option(Path("run"), help="Run folder."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    group: str = typer.Option("transformer", help="Parameter group."),
-    samples: int = typer.Option(0, help="Training samples (0 = all)."),
-    draws: int = typer.Option(2, help="Random draws per sample."),
+    settings: FisherSettings = None,
 ) -> None:
     """Compute (once) the diagonal Fisher of a run; attribution reuses it."""
     from linernotes import distributed
-    from linernotes.attribution.front import fisher_for, fisher_path, train_set
-    from linernotes.curvature import FisherSettings
-    from linernotes.training import load_run
+    from linernotes.run import load_run
 
     distributed.init_from_env()
     r = load_run(run)
-    settings = FisherSettings(group=group, samples=samples, draws=draws)
-    _, train_ds, _ = train_set(r, _manifest(corpus))
-    f = fisher_for(r, train_ds, settings)
-    typer.echo(f"Fisher over {f.n_examples} examples at {fisher_path(r, settings)}")
+    f = r.fisher(read_corpus(corpus), settings)
+    typer.echo(f"Fisher over {f.n_examples} examples at {r.fisher_path(settings)}")
 
 
 @app.command()
@@ -62,6 +63,10 @@ def methods(
 
 
 @app.command()
+@on_device
+@with_settings(UNLEARN_OPTIONS,
+               Options("score", ScoreSettings, ("mask_train", "timesteps", "stride", "kind",
+                                                "precision"), {"kind": "score-kind"}))
 def attribute(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
                                         "(with --caption) or train:<track id>."),
@@ -77,35 +82,17 @@ def attribute(
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     top: int = typer.Option(5, help="How many credited tracks to print."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    group: str = typer.Option("transformer", help="Parameters unlearned."),
-    alpha: float = typer.Option(0.0, help="Step size (0 = reach --target-ratio)."),
-    target_ratio: float = typer.Option(1.5, help="Query loss after / before unlearning."),
-    draws: int = typer.Option(1024, help="Draws in the query gradient."),
-    steps: int = typer.Option(1, help="Unlearning steps."),
-    damping: float = typer.Option(1e-3, help="Fisher damping (x mean F)."),
-    mask_query: bool = typer.Option(True, help="M_U: mask the query's padding."),
-    mask_train: bool = typer.Option(False, help="M_L: mask training tracks' padding."),
-    timesteps: int = typer.Option(20, help="Fixed scoring timesteps per track."),
-    stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
-    score_kind: str = typer.Option("log-ratio", help="Score from each track's losses before "
-                                   "and after unlearning: log-ratio, or delta (the papers')."),
-    precision: str = typer.Option("float32", help="Scoring forwards in float32 or bfloat16 "
-                                  "(autocast; 2x faster on CPUs with AMX, GPUs)."),
+    unlearn: UnlearnSettings = None,
+    score: ScoreSettings = None,
 ) -> None:
     """Credit the training tracks behind each query (by unlearning it, or with --method)."""
     from linernotes import distributed
     from linernotes.attribution.front import attribute_run
-    from linernotes.attribution.losses import ScoreSettings
-    from linernotes.attribution.methods import method_spec, parse_assignments
-    from linernotes.training import load_run
-    from linernotes.unlearning.newton import UnlearnSettings
+    from linernotes.attribution.methods import method_spec
+    from linernotes.run import load_run
 
     spec = method_spec(method)
     overrides = parse_assignments(sets)
-    unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
-                              steps=steps, damping=damping, mask_query=mask_query)
-    score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train,
-                          kind=score_kind, precision=precision)
     if spec.name != "unlearning":
         if unlearn != UnlearnSettings() or score != ScoreSettings():
             raise LinernotesError(f"The unlearning options (--alpha, --draws, --timesteps, ...) "
@@ -114,7 +101,7 @@ def attribute(
         unlearn = score = None
     distributed.init_from_env()
     r = load_run(run)
-    tables = attribute_run(r, _manifest(corpus), queries, out, unlearn, score, caption=caption,
+    tables = attribute_run(r, read_corpus(corpus), queries, out, unlearn, score, caption=caption,
                            method=spec.name, overrides=overrides)
     if distributed.rank() == 0:
         print_credits(tables, top, as_json)
@@ -155,11 +142,9 @@ def report(
 
     run_hash = None
     if run is not None:
-        from linernotes.training import load_run
+        from linernotes.run import load_run
 
         run_hash = load_run(run).hash
-    index = build_report(out, scores, _manifest(corpus), run_hash=run_hash, top_k=top,
+    index = build_report(out, scores, read_corpus(corpus), run_hash=run_hash, top_k=top,
                          title=title, credit=credit_tables)
     typer.echo(f"Report: {index}")
-
-

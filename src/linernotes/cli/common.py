@@ -1,11 +1,24 @@
-"""The shared pieces of the `linernotes` command: the typer apps and small helpers."""
+"""The shared pieces of the `linernotes` command: the typer apps, options made from settings
+dataclasses, and small helpers.
+
+Command options come from the settings dataclasses (`with_settings`): one option per field, its
+default and help the field's own, so a default lives in one place; anything else is `--set
+key=value` (`config.parse_assignments`, typed by the settings that take it).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from linernotes.config import Settings
 from linernotes.errors import LinernotesError
 
 app = typer.Typer(
@@ -14,12 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(exc: LinernotesError) -> None:
-    """Print a user error without a traceback and exit non-zero."""
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -42,48 +49,120 @@ def print_table(df, title: str | None = None) -> None:
     typer.echo(df.to_string(index=False))
 
 
-
-def _manifest(corpus: Path):
+def read_corpus(corpus: Path):
+    """The manifest of a corpus folder (or file)."""
     from linernotes.data.manifest import read_manifest
 
     return read_manifest(corpus)
 
 
-
-def _read_ids(path: Path) -> tuple[str, ...]:
+def read_ids(path: Path) -> tuple[str, ...]:
+    """Track ids from a file, one per line."""
     if not path.exists():
         raise LinernotesError(f"{path} does not exist (expected one track id per line).")
     return tuple(x.strip() for x in path.read_text().splitlines() if x.strip())
 
 
+# ---------------------------------------------------------------- options from settings
 
 
-def parse_overrides(settings_class, items: list[str] | None, option: str = "--set") -> dict:
-    """KEY=VALUE strings as overrides of a settings dataclass, typed like each field's default."""
-    import dataclasses
-    import difflib
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Options made from the fields of a Settings class, received by the command's parameter
+    `param` as one settings object.
 
-    fields = {f.name: f.default for f in dataclasses.fields(settings_class)}
-    out = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        key, text = key.strip().replace("-", "_"), text.strip()
-        if not sep or not key:
-            raise LinernotesError(f"{option} takes KEY=VALUE, not {item!r}.")
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=2)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            raise LinernotesError(f"{option} {item}: {settings_class.__name__} has no setting "
-                                  f"{key!r}.{hint} Settings: {', '.join(sorted(fields))}.")
-        out[key] = _typed_value(settings_class, key, text, fields[key], option)
-    return out
+    `fields`: which fields (None: all but tuple-typed ones); `flags`: option names for fields
+    whose option is not named after them.
+    """
+
+    param: str
+    cls: type[Settings]
+    fields: tuple[str, ...] | None = None
+    flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def chosen(self) -> list[dataclasses.Field]:
+        hints = typing.get_type_hints(self.cls)
+        out = []
+        for f in dataclasses.fields(self.cls):
+            if self.fields is not None and f.name not in self.fields:
+                continue
+            if typing.get_origin(hints[f.name]) is tuple:
+                continue  # given with --set
+            out.append(f)
+        return out
+
+    def flag(self, name: str) -> str:
+        return self.flags.get(name, name.replace("_", "-"))
 
 
-def _typed_value(settings_class, key: str, text: str, default, option: str):
+def with_settings(*groups: Options) -> Callable:
+    """Decorate a command: each group's fields become options, and the command gets one
+    settings object per group instead. A value the settings refuse is a one-line error naming
+    the options given."""
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        taken = {g.param for g in groups}
+        params = [p for p in sig.parameters.values() if p.name not in taken]
+        routes: dict[str, tuple[Options, str]] = {}
+        annotations = dict(getattr(fn, "__annotations__", {}))
+        for g in groups:
+            hints = typing.get_type_hints(g.cls)
+            defaults = g.cls()
+            for f in g.chosen():
+                flag = g.flag(f.name)
+                pname = flag.replace("-", "_")
+                if pname in routes or pname in sig.parameters:
+                    raise ValueError(f"{fn.__name__}: option --{flag} is declared twice.")
+                decl = f"--{flag}/--no-{flag}" if hints[f.name] is bool else f"--{flag}"
+                option = typer.Option(getattr(defaults, f.name), decl,
+                                      help=f.metadata.get("help", ""))
+                params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY,
+                                                default=option, annotation=hints[f.name]))
+                annotations[pname] = hints[f.name]
+                routes[pname] = (g, f.name)
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            for g in groups:
+                given = {name: kwargs.pop(p) for p, (grp, name) in routes.items() if grp is g}
+                kwargs[g.param] = build_settings(g, given)
+            return fn(**kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = annotations
+        return command
+
+    return decorate
+
+
+def on_device(fn: Callable) -> Callable:
+    """Decorate a command that runs a model: it gets `--device auto|cpu|cuda` (auto: CUDA when
+    available), selected (`linernotes.device.select`) before the command runs."""
+    sig = inspect.signature(fn)
+    option = typer.Option("auto", "--device", help="Where the model runs: auto (CUDA when "
+                          "available), cpu or cuda.")
+    param = inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, default=option,
+                              annotation=str)
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        from linernotes import device
+
+        device.select(kwargs.pop("device"))
+        return fn(**kwargs)
+
+    command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), param])
+    command.__annotations__ = {**getattr(fn, "__annotations__", {}), "device": str}
+    return command
+
+
+def build_settings(group: Options, values: Mapping[str, Any]) -> Settings:
+    """`group.cls(**values)`; a refused value is an error naming the options that set it."""
     try:
-        return settings_class.parse_value(key, text)
-    except ValueError as exc:
-        raise LinernotesError(f"{option} {key}={text}: {key} takes {exc} (default {default})."
+        return group.cls(**values)
+    except LinernotesError as exc:
+        defaults = group.cls().to_dict()
+        given = [f"--{group.flag(k)} {v}" for k, v in values.items() if defaults.get(k) != v]
+        raise LinernotesError(f"{exc}" + (f" (given: {', '.join(given)})" if given else "")
                               ) from None
-
-

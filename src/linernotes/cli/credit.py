@@ -6,42 +6,36 @@ from pathlib import Path
 
 import typer
 
-from linernotes.cli.common import (
-    _manifest,
-    app,
-    evaluate_app,
-    parse_overrides,
-    print_table,
-)
+from linernotes.cli.common import app, evaluate_app, on_device, print_table, read_corpus
+from linernotes.config import parse_assignments
 from linernotes.errors import LinernotesError
 
 
 def _credit_inputs(run: Path, corpus: Path, queries: list[str], caption: str | None):
-    from linernotes.attribution.front import query_from_spec
-    from linernotes.training import load_run
+    from linernotes.attribution.front import queries_from_specs
+    from linernotes.run import load_run
 
-    m = _manifest(corpus)
+    m = read_corpus(corpus)
     r = load_run(run, manifest=m)
-    store = r.feature_store(m)
-    return r, m, [query_from_spec(q, r, store, m, caption) for q in queries]
+    return r, m, queries_from_specs(queries, r, m, caption)
 
 
 def _credit_settings(method: str, items: list[str] | None):
-    from linernotes.credit.tables import settings_class
+    from linernotes.credit.front import settings_class
 
+    assignments = parse_assignments(items)
     if method.endswith("-sum"):  # the per-track method's overrides, as `attribute --set`
-        from linernotes.attribution.methods import parse_assignments
-
-        return parse_assignments(items)
+        return assignments
     cls = settings_class(method)
     if cls is None:
         if items:
             raise LinernotesError(f"Method {method!r} takes no --set settings.")
         return None
-    return parse_overrides(cls, items)
+    return cls.overrides(assignments)
 
 
 @app.command("credit")
+@on_device
 def credit_cmd(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
                                         "(with --caption) or train:<track id>."),
@@ -90,6 +84,7 @@ def credit_cmd(
 
 
 @evaluate_app.command("credit")
+@on_device
 def evaluate_credit_cmd(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
                                         "(with --caption) or train:<track id>."),

@@ -6,60 +6,59 @@ from pathlib import Path
 
 import typer
 
+from linernotes.attribution.losses import ScoreSettings
+from linernotes.cli.attribution import UNLEARN_OPTIONS
 from linernotes.cli.common import (
-    _manifest,
-    _read_ids,
+    Options,
     evaluate_app,
+    on_device,
     print_table,
+    read_corpus,
+    read_ids,
+    with_settings,
 )
-from linernotes.config import FALSE, TRUE
 from linernotes.errors import LinernotesError
+from linernotes.evaluation.counterfactual import EvalDraws
+from linernotes.evaluation.lds import LdsSettings
+from linernotes.unlearning.newton import UnlearnSettings
+
+#: The query draws of `leave-k-out` and `lds`.
+DRAW_OPTIONS = Options("draws", EvalDraws, ("timesteps", "stride", "noises"))
 
 
 @evaluate_app.command("consistency")
+@on_device
+@with_settings(UNLEARN_OPTIONS,
+               Options("score", ScoreSettings, ("mask_train", "timesteps", "stride")))
 def evaluate_consistency(
     run: Path = typer.Option(Path("run"), help="Run folder."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     queries: int = typer.Option(8, help="Training tracks unlearned as queries (k-means-diverse "
-                                "on CLAP audio embeddings)."),
+                                "on audio embeddings)."),
     out: Path = typer.Option(Path("consistency"), "--out", "-o", help="Folder for score "
                              "tables and the summary."),
-    top_k: int = typer.Option(10, help="k of the CLAP similarity to the top-k / bottom-k."),
+    top_k: int = typer.Option(10, help="k of the audio similarity to the top-k / bottom-k."),
     seed: int = typer.Option(0, help="Seed of the k-means choice of queries."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    group: str = typer.Option("transformer", help="Parameters unlearned."),
-    alpha: float = typer.Option(0.0, help="Step size (0 = reach --target-ratio)."),
-    target_ratio: float = typer.Option(1.5, help="Query loss after / before unlearning."),
-    draws: int = typer.Option(1024, help="Draws in the query gradient."),
-    steps: int = typer.Option(1, help="Unlearning steps."),
-    damping: float = typer.Option(1e-3, help="Fisher damping (x mean F)."),
-    mask_query: bool = typer.Option(True, help="M_U: mask the query's padding."),
-    mask_train: bool = typer.Option(False, help="M_L: mask training tracks' padding."),
-    timesteps: int = typer.Option(20, help="Fixed scoring timesteps per track."),
-    stride: int = typer.Option(50, help="Stride of the scoring timesteps (of 1000)."),
+    unlearn: UnlearnSettings = None,
+    score: ScoreSettings = None,
 ) -> None:
     """Self-influence: unlearn diverse training tracks; each should credit itself first."""
     import json
 
     from linernotes.artifacts import write_json
     from linernotes.attribution.embeddings import track_embeddings
-    from linernotes.attribution.front import fisher_for, fisher_group, train_set
-    from linernotes.attribution.losses import ScoreSettings
     from linernotes.attribution.query import Query
     from linernotes.attribution.unlearning import UnlearningAttributor
-    from linernotes.curvature import FisherSettings
+    from linernotes.curvature import FisherSettings, covering_group
     from linernotes.evaluation.consistency import diverse_tracks, self_influence
-    from linernotes.training import load_run
-    from linernotes.unlearning.newton import UnlearnSettings
+    from linernotes.run import load_run
 
     if queries < 1 or top_k < 1:
         raise LinernotesError("--queries and --top-k must be >= 1.")
-    unlearn = UnlearnSettings(group=group, alpha=alpha, target_ratio=target_ratio, draws=draws,
-                              steps=steps, damping=damping, mask_query=mask_query)
-    score = ScoreSettings(timesteps=timesteps, stride=stride, mask_train=mask_train)
-    manifest = _manifest(corpus)
+    manifest = read_corpus(corpus)
     r = load_run(run, manifest=manifest)
-    store, train, ids = train_set(r, manifest)
+    store, train, ids = r.train_set(manifest)
     if queries > len(ids):
         raise LinernotesError(f"--queries {queries} exceeds the run's {len(ids)} training tracks.")
     emb = track_embeddings(r, store, train.rows)
@@ -68,9 +67,9 @@ def evaluate_consistency(
         item = train[int(k)]
         chosen.append(Query(item["track_id"], item["features"], item["mask"], item["caption"],
                             source=f"train:{item['track_id']}", track_id=item["track_id"]))
-    fisher = fisher_for(r, train, FisherSettings(group=fisher_group(group)))
+    fisher = r.fisher(manifest, FisherSettings(group=covering_group(unlearn.group)))
     att = UnlearningAttributor(r.task, r.model, r.hash, manifest, train, ids, fisher,
-                               Path(r.path) / "cache", score)
+                               r.cache_dir, score)
     result = self_influence(att, chosen, unlearn, out, dict(zip(ids, emb)), k=top_k)
     per = result.per_query
     info = manifest.set_index("track_id").loc[per["query"], ["artist", "title"]]
@@ -123,13 +122,12 @@ def evaluate_compare(
 
 def _cf_setup(run: Path, corpus: Path, specs: list[str], caption: str | None = None):
     """(manifest, run, queries) for the counterfactual commands."""
-    from linernotes.attribution.front import query_from_spec
-    from linernotes.training import load_run
+    from linernotes.attribution.front import queries_from_specs
+    from linernotes.run import load_run
 
-    manifest = _manifest(corpus)
+    manifest = read_corpus(corpus)
     r = load_run(run, manifest=manifest)
-    store = r.feature_store(manifest)
-    return manifest, r, [query_from_spec(s, r, store, manifest, caption) for s in specs]
+    return manifest, r, queries_from_specs(specs, r, manifest, caption)
 
 
 def _cf_scores(paths: list[Path], queries) -> object:
@@ -146,13 +144,15 @@ def _cf_scores(paths: list[Path], queries) -> object:
 
 
 def _retrainer(r, manifest, retrains: Path | None, budget: int | None):
-    """The run's retrain cache (default <run>/retrains), at most `budget` new retrains."""
-    from linernotes.evaluation.counterfactual import Retrainer
+    """The run's retrain cache (or `retrains`), at most `budget` new retrains."""
+    from linernotes.run import Retrainer
 
-    return Retrainer(r, manifest, retrains or Path(r.path) / "retrains", budget, progress=True)
+    return Retrainer(r, manifest, retrains, budget, progress=True)
 
 
 @evaluate_app.command("leave-k-out")
+@on_device
+@with_settings(DRAW_OPTIONS)
 def evaluate_leave_k_out(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
                                         "(with --caption) or train:<track id>."),
@@ -163,23 +163,20 @@ def evaluate_leave_k_out(
     k: list[str] = typer.Option(["0.01", "0.02", "0.05"], help="K: a fraction of the training "
                                 "set (< 1) or a count; repeat for several."),
     out: Path = typer.Option(Path("leave-k-out"), "--out", "-o", help="Folder for the table."),
-    retrains: Path = typer.Option(None, help="Retrain cache (default: <run>/retrains)."),
+    retrains: Path = typer.Option(None, help="Retrain cache (default: the run's)."),
     budget: int = typer.Option(None, help="Most retrains this invocation may train."),
     random: bool = typer.Option(True, help="Add K random tracks as a control."),
     random_seed: int = typer.Option(0, help="Seed of the random control."),
     generation: bool = typer.Option(True, help="Also measure the regenerated clip's change."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
-    timesteps: int = typer.Option(20, help="Fixed timesteps of the query loss."),
-    stride: int = typer.Option(50, help="Stride of those timesteps (of 1000)."),
-    noises: int = typer.Option(4, help="Noises per timestep."),
+    draws: EvalDraws = None,
 ) -> None:
     """Retrain without each method's top-K tracks: the query's loss increase (vs K random)."""
-    from linernotes.evaluation.counterfactual import EvalDraws, leave_k_out
+    from linernotes.evaluation.counterfactual import leave_k_out
 
     manifest, r, qs = _cf_setup(run, corpus, queries, caption)
     table = _cf_scores(scores, qs)
     retrainer = _retrainer(r, manifest, retrains, budget)
-    draws = EvalDraws(timesteps=timesteps, stride=stride, noises=noises)
     res = leave_k_out(r, manifest, qs, table, k, out, retrainer, draws, random, random_seed,
                       generation, log=typer.echo)
     if res.empty:
@@ -195,35 +192,27 @@ def evaluate_leave_k_out(
 
 
 @evaluate_app.command("lds")
+@on_device
+@with_settings(Options("s", LdsSettings, ("subsets", "fraction", "seed", "extra_seeds",
+                                          "paired_subsets")), DRAW_OPTIONS)
 def evaluate_lds(
     queries: list[str] = typer.Argument(..., help="Queries (as for `attribute`)."),
     scores: list[Path] = typer.Option(..., help="Score folders or tables; repeat for several."),
     run: Path = typer.Option(Path("run"), help="Run folder."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("lds"), "--out", "-o", help="Folder for the tables."),
-    retrains: Path = typer.Option(None, help="Retrain cache (default: <run>/retrains)."),
+    retrains: Path = typer.Option(None, help="Retrain cache (default: the run's)."),
     budget: int = typer.Option(None, help="Most retrains this invocation may train."),
-    subsets: int = typer.Option(16, help="Models trained on random subsets."),
-    fraction: float = typer.Option(0.5, help="Share of the training set in each subset."),
-    seed: int = typer.Option(0, help="Seed of the subsets."),
-    extra_seeds: int = typer.Option(2, help="Extra seeds of the full model (variance ceiling)."),
-    paired_subsets: int = typer.Option(0, help="Subsets also trained with another seed "
-                                       "(pairwise ceiling)."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
-    timesteps: int = typer.Option(20, help="Fixed timesteps of the query loss."),
-    stride: int = typer.Option(50, help="Stride of those timesteps (of 1000)."),
-    noises: int = typer.Option(4, help="Noises per timestep."),
+    s: LdsSettings = None,
+    draws: EvalDraws = None,
 ) -> None:
     """Linear datamodeling score: scores summed over subsets vs retrained models' losses."""
-    from linernotes.evaluation.counterfactual import EvalDraws
-    from linernotes.evaluation.lds import LdsSettings, lds_summary, lds_table, subset_losses
+    from linernotes.evaluation.lds import lds_summary, lds_table, subset_losses
 
     manifest, r, qs = _cf_setup(run, corpus, queries, caption)
     table = _cf_scores(scores, qs)
     retrainer = _retrainer(r, manifest, retrains, budget)
-    s = LdsSettings(subsets=subsets, fraction=fraction, seed=seed, extra_seeds=extra_seeds,
-                    paired_subsets=paired_subsets)
-    draws = EvalDraws(timesteps=timesteps, stride=stride, noises=noises)
     data = subset_losses(r, manifest, qs, out, s, retrainer, draws, log=typer.echo)
     per_query = lds_table(data, table)
     summary = lds_summary(per_query, data)
@@ -236,23 +225,13 @@ def evaluate_lds(
     typer.echo(f"Wrote {out / 'lds.csv'} and {out / 'lds_per_query.csv'}.")
 
 
-def _cf_values(items: list[str] | None, kind, name: str) -> list:
-    out = []
-    for x in items or []:
-        if kind is bool:
-            if x.lower() not in TRUE + FALSE:
-                raise LinernotesError(f"--{name} takes on/off, not {x!r}.")
-            out.append(x.lower() in TRUE)
-        else:
-            try:
-                out.append(kind(x))
-            except ValueError:
-                raise LinernotesError(f"--{name} takes {kind.__name__} values, not {x!r}."
-                                      ) from None
-    return out
+def _grid_axis(cls, name: str, items: list[str] | None) -> list:
+    """Repeated --NAME values of a grid axis, typed by the settings field they set."""
+    return [cls.coerce(name, x, f"--{name.replace('_', '-')}") for x in items or []]
 
 
 @evaluate_app.command("grid")
+@on_device
 def evaluate_grid(
     queries: list[str] = typer.Argument(..., help="Tuning queries: train:<track id> for "
                                         "self-rank, held-out clips for LDS."),
@@ -269,7 +248,8 @@ def evaluate_grid(
     target_ratio: list[str] = typer.Option(None, help="Target loss ratios."),
     steps: list[str] = typer.Option(None, help="Unlearning steps."),
     draws: list[str] = typer.Option(None, help="Query-gradient draws."),
-    retrains: Path = typer.Option(None, help="Retrain cache for --metric lds."),
+    retrains: Path = typer.Option(None, help="Retrain cache for --metric lds (default: the "
+                                  "run's)."),
     subsets: int = typer.Option(16, help="Subset models for --metric lds."),
     budget: int = typer.Option(None, help="Most retrains this invocation may train."),
 ) -> None:
@@ -277,27 +257,27 @@ def evaluate_grid(
     from linernotes.evaluation.grid import LdsMetric, SelfRankMetric, grid_points, grid_search
 
     axes = {name: vals for name, vals in {
-        "group": _cf_values(group, str, "group"),
-        "mask_query": _cf_values(mask_query, bool, "mask-query"),
-        "mask_train": _cf_values(mask_train, bool, "mask-train"),
-        "alpha": _cf_values(alpha, float, "alpha"),
-        "target_ratio": _cf_values(target_ratio, float, "target-ratio"),
-        "steps": _cf_values(steps, int, "steps"),
-        "draws": _cf_values(draws, int, "draws")}.items() if vals}
-    excluded = _read_ids(evaluated) if evaluated else ()
+        "group": _grid_axis(UnlearnSettings, "group", group),
+        "mask_query": _grid_axis(UnlearnSettings, "mask_query", mask_query),
+        "mask_train": _grid_axis(ScoreSettings, "mask_train", mask_train),
+        "alpha": _grid_axis(UnlearnSettings, "alpha", alpha),
+        "target_ratio": _grid_axis(UnlearnSettings, "target_ratio", target_ratio),
+        "steps": _grid_axis(UnlearnSettings, "steps", steps),
+        "draws": _grid_axis(UnlearnSettings, "draws", draws)}.items() if vals}
+    excluded = read_ids(evaluated) if evaluated else ()
     if metric == "self-rank":
         bad = [q for q in queries if not q.startswith("train:")]
         if bad:
             raise LinernotesError(f"--metric self-rank takes train:<track id> queries, not "
                                   f"{bad[0]!r}.")
-        manifest = _manifest(corpus)
-        from linernotes.training import load_run
+        from linernotes.run import load_run
 
+        manifest = read_corpus(corpus)
         r = load_run(run, manifest=manifest)
         m = SelfRankMetric(r, manifest, [q.removeprefix("train:") for q in queries],
                            progress=True)
     elif metric == "lds":
-        from linernotes.evaluation.lds import LdsSettings, subset_losses
+        from linernotes.evaluation.lds import subset_losses
 
         manifest, r, qs = _cf_setup(run, corpus, queries)
         retrainer = _retrainer(r, manifest, retrains, budget)

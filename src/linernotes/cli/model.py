@@ -1,4 +1,4 @@
-"""Commands that make things: corpus build/import, train-clap, train, generate, demo."""
+"""Commands that make things: corpus build/import, train, generate."""
 
 from __future__ import annotations
 
@@ -7,13 +7,22 @@ from pathlib import Path
 import typer
 
 from linernotes.cli.common import (
-    _manifest,
-    _read_ids,
+    Options,
     app,
     corpus_app,
+    on_device,
     print_table,
+    read_corpus,
+    read_ids,
+    with_settings,
 )
+from linernotes.config import Settings
 from linernotes.errors import LinernotesError
+from linernotes.models.family import DEFAULT_FAMILY, family_class
+from linernotes.training import TrainSettings
+
+#: The family `train` makes and whose generate settings `generate` offers.
+FAMILY = family_class(DEFAULT_FAMILY)
 
 
 def parse_size(size: str) -> int | str:
@@ -71,83 +80,52 @@ def corpus_import(
 
 
 
-@app.command("train-clap")
-def train_clap_cmd(
-    corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
-    out: Path = typer.Option(Path("run/clap"), "--out", "-o", help="Folder for the encoder."),
-    steps: int = typer.Option(300, help="Training steps."),
-    seconds: float = typer.Option(8.0, help="Feature length in seconds (the model's clip length)."),
-) -> None:
-    """Train the CLAP-style text/audio encoder alone (`train` runs it first by itself)."""
-    from linernotes.artifacts import read_json
-    from linernotes.data.features import FeatureSettings
-    from linernotes.models.clap import CLAP_CONFIG, ClapSettings
-    from linernotes.training import train_clap
-
-    path = train_clap(_manifest(corpus), out, ClapSettings(steps=steps),
-                      FeatureSettings(seconds=seconds))
-    typer.echo(f"CLAP at {path}; holdout retrieval:")
-    for k, v in read_json(Path(path) / CLAP_CONFIG).get("eval", {}).items():
-        typer.echo(f"  {k}: {v}")
-
-
 @app.command()
+@on_device
+@with_settings(Options("settings", TrainSettings, ("steps", "batch_size", "seed", "mask_padding")),
+               Options("recipe", FAMILY.recipe_settings))
 def train(
     corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
     out: Path = typer.Option(Path("run"), "--out", "-o", help="Run folder."),
-    steps: int = typer.Option(1200, help="Denoiser training steps."),
-    clap_steps: int = typer.Option(300, help="CLAP training steps (when no --clap is given)."),
-    batch_size: int = typer.Option(32, help="Batch size."),
-    seconds: float = typer.Option(8.0, help="Feature length in seconds (the model's clip length)."),
-    seed: int = typer.Option(0, help="Seed."),
-    clap: Path = typer.Option(None, help="Reuse a trained CLAP folder instead of training one."),
     exclude: Path = typer.Option(None, help="File of track ids to leave out (one per line)."),
     duplicate: list[str] = typer.Option(None, help="TRACK_ID:M repeats a track M times."),
-    mask_padding: bool = typer.Option(False, help="Train on real frames only."),
+    settings: TrainSettings = None,
+    recipe: Settings = None,
 ) -> None:
-    """Train the reference model (CLAP stage, then the DiT); resumes after a kill."""
-    from linernotes.data.features import FeatureSettings
-    from linernotes.models.clap import ClapSettings
-    from linernotes.training import TrainSettings
-    from linernotes.training import train as train_run
-
-    excluded = _read_ids(exclude) if exclude else ()
+    """Train a model (the reference family: CLAP stage, then the DiT); resumes after a kill."""
     dups = []
     for d in duplicate or []:
         tid, _, m = d.rpartition(":")
         if not tid or not m.isdigit():
             raise LinernotesError(f"--duplicate takes TRACK_ID:M, not {d!r}.")
         dups.append((tid, int(m)))
-    settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, exclude=excluded,
-                             duplicate=tuple(dups), mask_padding=mask_padding)
-    run = train_run(_manifest(corpus), out, settings, features=FeatureSettings(seconds=seconds),
-                    clap=clap, clap_settings=ClapSettings(steps=clap_steps))
+    settings = settings.replace(exclude=read_ids(exclude) if exclude else (),
+                                duplicate=tuple(dups))
+    run = FAMILY.create(read_corpus(corpus), out, settings, recipe)
     typer.echo(f"Run {run.hash} at {run.path} (final loss {run.config.get('final_loss'):.4f}).")
 
 
-
 @app.command()
+@on_device
+@with_settings(Options("settings", FAMILY.generate_settings,
+                       ("steps", "guidance", "sampler", "seconds")))
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts (or --prompts-file)."),
     run: Path = typer.Option(Path("run"), help="Run folder."),
     out: Path = typer.Option(Path("clips"), "--out", "-o", help="Folder for clips (or a .wav)."),
     prompts_file: Path = typer.Option(None, help="A file of prompts, one per line."),
-    seconds: float = typer.Option(None, help="Clip length (default: the model's length)."),
     seed: int = typer.Option(0, help="Seed of the first clip (then seed + i)."),
-    steps: int = typer.Option(25, help="Sampler steps."),
-    guidance: float = typer.Option(2.0, help="Classifier-free guidance scale."),
-    sampler: str = typer.Option("dpm", help="dpm (DPM-Solver++) or ddim."),
+    settings: Settings = None,
 ) -> None:
     """Generate clips; each gets a JSON sidecar and its latent, for exact attribution later."""
-    from linernotes.models.pipeline import GenerateSettings, move_clip
-    from linernotes.models.pipeline import generate as gen
+    from linernotes.clips import generate as gen
+    from linernotes.clips import move_clip
 
     texts = list(prompts or [])
     if prompts_file:
         if not prompts_file.exists():
             raise LinernotesError(f"{prompts_file} does not exist.")
         texts += [x.strip() for x in prompts_file.read_text().splitlines() if x.strip()]
-    settings = GenerateSettings(steps=steps, guidance=guidance, sampler=sampler, seconds=seconds)
     target = out.parent if out.suffix == ".wav" else out
     paths = gen(run, texts, target, seed, settings)
     if out.suffix == ".wav":
@@ -156,19 +134,3 @@ def generate(
         paths = [move_clip(paths[0], out)]
     for p in paths:
         typer.echo(str(p))
-
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for everything it makes."),
-    size: int = typer.Option(240, help="Corpus size."),
-    seconds: float = typer.Option(6.0, help="Excerpt length."),
-    seed: int = typer.Option(0, help="Seed for everything."),
-) -> None:
-    """Run the whole flow on the embedded default corpus (resumes where it stopped)."""
-    from linernotes.demo import DemoSettings, run_demo
-
-    run_demo(out, DemoSettings(size=size, seconds=seconds, seed=seed))
-
-

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import typer
 
-from linernotes.cli.common import (
-    _manifest,
-    _read_ids,
-    app,
-    parse_overrides,
-)
+from linernotes.cli.common import Options, app, on_device, read_corpus, read_ids, with_settings
+from linernotes.config import parse_assignments
 from linernotes.errors import LinernotesError
+from linernotes.evaluation.audit import AuditSettings
 
 
 def _forget_spec(forget: list[str] | None, forget_file: Path | None):
@@ -20,7 +17,7 @@ def _forget_spec(forget: list[str] | None, forget_file: Path | None):
     from linernotes.unlearning.forget import ForgetSpec
 
     specs = [ForgetSpec.parse(t) for t in forget or []]
-    ids = _read_ids(forget_file) if forget_file else ()
+    ids = read_ids(forget_file) if forget_file else ()
     if forget_file and not ids:
         raise LinernotesError(f"{forget_file} lists no track ids (expected one per line).")
     return ForgetSpec(artists=tuple(a for s in specs for a in s.artists),
@@ -47,6 +44,7 @@ def _print_methods() -> None:
 
 
 @app.command("optout")
+@on_device
 def optout_cmd(
     forget: list[str] = typer.Option(
         None, "--forget", help="What to forget: 'artist=NAME', 'track=ID,ID' or a manifest filter "
@@ -66,19 +64,21 @@ def optout_cmd(
     """Remove tracks (an artist, ids, a filter) from a run, without retraining: a new run."""
     import json
 
-    from linernotes.unlearning.trainer import RECORD, get_method, method_settings, optout
+    from linernotes.run import Layout
+    from linernotes.unlearning.trainer import get_method, method_settings, optout
 
     if list_methods:
         _print_methods()
         return
     spec = _forget_spec(forget, forget_file)
-    settings = method_settings(method, parse_overrides(get_method(method).settings_class, set_))
+    settings = method_settings(
+        method, get_method(method).settings_class.overrides(parse_assignments(set_)))
     if out is None:
         raise LinernotesError("Give the folder for the new run with -o/--out (e.g. -o "
                               "run-without-bach).")
-    reused = (out / RECORD).exists()
-    new = optout(run, _manifest(corpus), spec, method, settings, out)
-    record = json.loads((Path(new.path) / RECORD).read_text())
+    reused = Layout(out).optout_record.exists()
+    new = optout(run, read_corpus(corpus), spec, method, settings, out)
+    record = json.loads(new.optout_record.read_text())
     if as_json:
         typer.echo(json.dumps(record, indent=2))
         return
@@ -104,11 +104,13 @@ def _print_record(record: dict, new, settings, reused: bool) -> None:
     change = (loss["after"] - loss["before"]) / loss["before"] if loss["before"] else float("nan")
     typer.echo(f"Forget-set loss at fixed draws: {loss['before']:.4f} -> {loss['after']:.4f} "
                f"({change:+.1%}).")
-    typer.echo(f"Record: {Path(new.path) / 'optout.json'}. The run works with `generate` and "
+    typer.echo(f"Record: {new.optout_record}. The run works with `generate` and "
                "`attribute`; check it with `linernotes audit`.")
 
 
 @app.command("audit")
+@on_device
+@with_settings(Options("settings", AuditSettings))
 def audit_cmd(
     unlearned: list[Path] = typer.Argument(..., help="Opt-out run folders to audit."),
     run: Path = typer.Option(None, help="The original run (default: the base of the first "
@@ -118,37 +120,21 @@ def audit_cmd(
                                      "(default: the one the first opt-out recorded)."),
     forget_file: Path = typer.Option(None, help="A file of track ids to forget, one per line."),
     out: Path = typer.Option(Path("audit"), "--out", "-o", help="Folder for table, plot, JSON."),
-    retrained: Path = typer.Option(None, help="Folder caching retrained references, one "
-                                   "sub-folder per forget set (default: RUN/retrained)."),
+    retrains: Path = typer.Option(None, "--retrains", "--retrained", help="Retrain cache "
+                                  "(default: the original run's)."),
     retrain_steps: int = typer.Option(0, help="Training steps of the retrained reference (0 = "
                                       "the original's; fewer give a cheaper, weaker reference)."),
-    prompts: int = typer.Option(8, help="Prompts naming the forgotten artist(s)."),
-    other_prompts: int = typer.Option(24, help="Prompts of other artists (utility)."),
-    generate_steps: int = typer.Option(25, help="Sampler steps of the audit's generations."),
-    guidance: float = typer.Option(3.0, help="Classifier-free guidance of the generations."),
-    pairs: int = typer.Option(2, help="Before/after WAV pairs per method (0 = none)."),
-    max_retain: int = typer.Option(200, help="Retain tracks scored (a seeded sample; 0 = all)."),
-    score_timesteps: int = typer.Option(10, help="Fixed timesteps per track for the losses."),
-    score_stride: int = typer.Option(100, help="Stride of those timesteps (of 1000)."),
-    seed: int = typer.Option(0, help="Seed of samples, prompts' noise and draws."),
-    forget_tol: float = typer.Option(0.03, help="Verdict: forget loss within this of retrained."),
-    auc_tol: float = typer.Option(0.10, help="Verdict: MIA AUC within this of retrained."),
-    utility_tol: float = typer.Option(0.05, help="Verdict: retain/holdout loss rise at most."),
-    set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE for any other AuditSettings."),
+    set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE for any audit setting."),
     as_json: bool = typer.Option(False, "--json", help="Print table, verdicts and files as JSON."),
+    settings: AuditSettings = None,
 ) -> None:
     """Audit opt-outs against the original and a model retrained without the forget set."""
-    from linernotes.evaluation.audit import AuditSettings, audit
-    from linernotes.training import RUN_CONFIG, TrainSettings, load_run
+    from linernotes.evaluation.audit import audit
+    from linernotes.run import Layout, load_run
     from linernotes.unlearning.forget import ForgetSpec
     from linernotes.unlearning.trainer import read_record
 
-    settings = AuditSettings(**{
-        "prompts": prompts, "other_prompts": other_prompts, "generate_steps": generate_steps,
-        "guidance": guidance, "pairs": pairs, "max_retain": max_retain,
-        "score_timesteps": score_timesteps, "score_stride": score_stride, "seed": seed,
-        "forget_tol": forget_tol, "auc_tol": auc_tol, "utility_tol": utility_tol,
-        **parse_overrides(AuditSettings, set_)})
+    settings = settings.replace(**AuditSettings.overrides(parse_assignments(set_)))
     if retrain_steps < 0:
         raise LinernotesError("--retrain-steps must be >= 0 (0 = the original's recipe).")
     first = read_record(unlearned[0])
@@ -159,15 +145,13 @@ def audit_cmd(
                                   "there; give it with --run.")
     spec = (_forget_spec(forget, forget_file) if forget or forget_file
             else ForgetSpec.from_dict(first["removed"]["spec"]))
-    if retrained is not None and (retrained / RUN_CONFIG).exists():
-        raise LinernotesError(f"--retrained takes the folder that caches retrained references "
-                              f"(e.g. {retrained.parent}), not one run.")
-    manifest = _manifest(corpus)
+    if retrains is not None and Layout(retrains).is_run:
+        raise LinernotesError(f"--retrains takes the folder that caches retrained references "
+                              f"(e.g. {retrains.parent}), not one run.")
+    manifest = read_corpus(corpus)
     original = load_run(run, manifest=manifest)
-    retrain = (TrainSettings.from_dict(original.config["train"]).replace(steps=retrain_steps)
-               if retrain_steps else None)
-    result = audit(original, unlearned, manifest, spec, out, retrain_settings=retrain,
-                   settings=settings, retrain_dir=retrained)
+    result = audit(original, unlearned, manifest, spec, out, retrain_steps=retrain_steps,
+                   settings=settings, retrain_dir=retrains)
     _print_audit(result, as_json)
 
 

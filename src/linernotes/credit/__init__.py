@@ -6,10 +6,11 @@ queries with a group-unlearning method (`newton` or any opt-out method), a basel
 """
 
 from linernotes.credit.evaluate import evaluate_credit, ranking_metrics
+from linernotes.credit.front import credit
 from linernotes.credit.groups import groups
 from linernotes.credit.logo import logo_credit, logo_runs
 from linernotes.credit.losses import CreditSettings
-from linernotes.credit.tables import credit, read_credit, write_credit
+from linernotes.credit.tables import read_credit, write_credit
 from linernotes.credit.unlearn import NewtonGroupSettings, group_methods, group_models
 
 __all__ = [

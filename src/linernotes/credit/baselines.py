@@ -23,9 +23,9 @@ from linernotes.artifacts import hash_json, read_json
 from linernotes.attribution.query import Query
 from linernotes.attribution.scores import read_scores
 from linernotes.credit.groups import groups
-from linernotes.credit.losses import query_hash
+from linernotes.credit.losses import credit_root, query_hash
 from linernotes.credit.tables import credit_table
-from linernotes.credit.unlearn import credit_root
+from linernotes.data.manifest import positions
 from linernotes.errors import LinernotesError
 
 
@@ -54,18 +54,17 @@ def summed_scores(table: pd.DataFrame, parts: Mapping[str, list[str]]) -> dict[s
 def clap_centroid_scores(run, manifest: pd.DataFrame, parts: Mapping[str, list[str]],
                          queries: Sequence[Query]) -> list[dict[str, float]]:
     """Cosine of each query's CLAP audio embedding with each group's centroid."""
-    from linernotes.attribution.embeddings import clap_audio, track_embeddings
+    from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
     from linernotes.evaluation.quality import artist_centroids
 
     store = run.feature_store(manifest, progress=False)
-    pos = {t: i for i, t in enumerate(manifest["track_id"].astype(str))}
     ids = [t for g in parts for t in parts[g]]
     labels = [g for g in parts for _ in parts[g]]
-    emb = track_embeddings(run, store, [pos[t] for t in ids])
+    emb = track_embeddings(run, store, positions(manifest, ids))
     cents = artist_centroids(emb, labels)
     out = []
     for q in queries:
-        e = clap_audio(run.clap, q.features[None], q.mask[None])[0].astype(np.float64)
+        e = audio_embeddings(run, q.features[None], q.mask[None])[0].astype(np.float64)
         e = e / max(float(np.linalg.norm(e)), 1e-12)
         out.append({g: float(cents[g] @ e) for g in parts})
     return out

@@ -24,6 +24,7 @@ from scipy.stats import spearmanr
 from linernotes.artifacts import write_json
 from linernotes.attribution.query import Query
 from linernotes.credit.losses import CreditSettings
+from linernotes.credit.tables import write_credit
 from linernotes.credit.unlearn import group_methods
 from linernotes.errors import LinernotesError
 
@@ -117,7 +118,7 @@ def evaluate_credit(
     retraining seconds; detail: one row per query and method). With `out_dir`, both are
     written there as Parquet with a JSON record.
     """
-    from linernotes.credit.tables import credit, write_credit
+    from linernotes.credit.front import credit
 
     if not queries:
         raise LinernotesError("evaluate credit: give at least one query.")

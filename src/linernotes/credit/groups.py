@@ -11,20 +11,9 @@ import re
 
 import pandas as pd
 
-from linernotes.data.dataset import split_rows
 from linernotes.errors import LinernotesError
 
 MISSING = "(none)"  # the group of tracks with no value in the grouping column
-
-
-def training_ids(manifest: pd.DataFrame, run) -> list[str]:
-    """Track ids the run trained on (manifest order), without tracks removed by opt-outs."""
-    from linernotes.unlearning.trainer import removed_tracks
-
-    train = run.config.get("train", {}) or {}
-    exclude = set(map(str, train.get("exclude", []) or [])) | set(removed_tracks(run))
-    rows = split_rows(manifest, str(train.get("split", "train")), sorted(exclude))
-    return [str(t) for t in manifest["track_id"].to_numpy()[rows]]
 
 
 def _value(v) -> str:
@@ -42,7 +31,7 @@ def groups(manifest: pd.DataFrame, run, by: str = "artist") -> dict[str, list[st
             f"Cannot group by {by!r}: the manifest has no such column. Columns: "
             f"{', '.join(map(str, manifest.columns))}."
         )
-    ids = training_ids(manifest, run)
+    ids = run.train_ids(manifest)
     if not ids:
         raise LinernotesError("The run has no training tracks in this manifest to group.")
     values = manifest.set_index("track_id").loc[ids, by].map(_value)

@@ -1,10 +1,10 @@
 """Leave-one-group-out (LOGO) retraining: the counterfactual gold standard of group credit.
 
-Each group's model is the run's own recipe (its recorded TrainSettings, seed and CLAP) trained
-without the group's tracks, by `evaluation.audit.retrain_reference`: cached in `RUN/retrained/`
-(shared with the opt-out audit, which retrains without an artist the same way) and resumed after
-a kill. The LOGO credit of group g for query q is q's loss under the model without g minus its
-loss under the full run, at the same fixed draws.
+Each group's model is the run's own recipe retrained without the group's tracks by the run's one
+retrain cache (`run.retrain.Retrainer`, shared with leave-K-out, LDS and the opt-out audit, which
+retrains without an artist the same way), resumed after a kill. The LOGO credit of group g for
+query q is q's loss under the model without g minus its loss under the full run, at the same
+fixed draws.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import pandas as pd
 
 from linernotes.attribution.query import Query
 from linernotes.credit.groups import groups
-from linernotes.credit.losses import CreditSettings
+from linernotes.credit.losses import CreditSettings, loss_changes
+from linernotes.credit.tables import change_tables
 from linernotes.errors import LinernotesError
+from linernotes.run import Retrainer, retrain_seconds
 
 
 def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = True,
@@ -26,10 +28,7 @@ def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = 
 
     `only` limits the retrains to some groups (by name).
     """
-    from linernotes.evaluation.audit import retrain_reference
-    from linernotes.unlearning.forget import ForgetSpec, resolve_forget_set
-
-    if run.config.get("parent"):
+    if run.parent:
         raise LinernotesError(
             f"{run.path} is derived from run {run.config['parent']} (an opt-out); LOGO retrains "
             "a trained run's recipe, so give the original run."
@@ -39,15 +38,15 @@ def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = 
     if unknown:
         raise LinernotesError(f"No group {unknown[0]!r} in column {by!r}; groups: "
                               f"{', '.join(parts)}.")
-    exclude = run.config.get("train", {}).get("exclude", []) or []
+    retrainer = Retrainer(run, manifest, progress=progress)
     out = {}
     names = [g for g in parts if only is None or g in only]
     for k, name in enumerate(names):
-        forget = resolve_forget_set(manifest, ForgetSpec(track_ids=tuple(parts[name])), exclude)
         if progress:
             print(f"LOGO {k + 1}/{len(names)}: the run without {by}={name} "
                   f"({len(parts[name])} tracks)", flush=True)
-        out[name] = retrain_reference(run, manifest, forget, progress=progress)
+        retrained = retrainer(parts[name])
+        out[name] = (retrained, retrain_seconds(retrained))
     return out
 
 
@@ -55,8 +54,6 @@ def logo_credit(run, manifest: pd.DataFrame, queries: Sequence[Query], by: str =
                 score: CreditSettings | None = None, progress: bool = True,
                 ) -> tuple[list[pd.DataFrame], dict]:
     """LOGO credit tables for each query (method "logo") and a record with the seconds."""
-    from linernotes.credit.tables import change_tables, loss_changes
-
     s = score or CreditSettings()
     retrained = logo_runs(run, manifest, by, progress)
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -59,6 +63,17 @@ class CreditSettings(Settings):
                              mask_train=self.mask_query, batch_size=1)
 
 
+def credit_root(run) -> Path:
+    """The run's credit folder, emptied when it was made for another version of the run."""
+    root = run.credit_dir
+    stamp = root / "run.json"
+    if stamp.exists() and read_json(stamp).get("run") != run.hash:
+        shutil.rmtree(root)
+    if not stamp.exists():
+        write_json(stamp, {"run": run.hash})
+    return root
+
+
 def elbo_grid(s: CreditSettings) -> tuple[np.ndarray, np.ndarray]:
     """The ELBO-style estimate's times (midpoint grid) and weights (mean 1)."""
     k = s.elbo_timesteps
@@ -88,7 +103,7 @@ def query_losses(task: Task, model: nn.Module, query: Query, s: CreditSettings) 
             hi = min(n, lo + s.batch_size)
             losses.append(task.per_sample_loss(model, query.batch(hi - lo), t[0, lo:hi],
                                                noise[0, lo:hi], s.mask_query))
-        per_draw = torch.cat(losses).double().numpy()
+        per_draw = torch.cat(losses).double().cpu().numpy()
         elbo = float((per_draw * weights[np.arange(n) % len(grid)]).mean())
     finally:
         model.train(was)
@@ -125,3 +140,28 @@ class LossCache:
             data["models"][model_key] = entry
             write_json(path, data)
         return data["models"][model_key]
+
+
+def loss_changes(
+    run, manifest: pd.DataFrame, queries: Sequence[Query], models: Sequence[tuple[str, str, Any]],
+    s: CreditSettings,
+) -> tuple[dict, dict, float]:
+    """Per query: {group: losses} under each model and the full model's losses, and seconds.
+
+    `models` holds (group, model key, context factory yielding the model); a model is loaded
+    only if some query's losses under it are not cached yet.
+    """
+    cache = LossCache(credit_root(run) / "losses", s)
+    base = {q.key: cache.get(run.task, run.model, q, f"run/{run.hash}") for q in queries}
+    after: dict[str, dict[str, dict]] = {q.key: {} for q in queries}
+    for group, key, enter in models:
+        todo = [q for q in queries if cache.peek(q, key) is None]
+        if todo:
+            with enter() as model:
+                for q in todo:
+                    cache.get(run.task, model, q, key)
+        for q in queries:
+            after[q.key][group] = cache.peek(q, key)
+    seconds = sum(v["seconds"] for v in base.values())
+    seconds += sum(e["seconds"] for per in after.values() for e in per.values())
+    return after, base, seconds

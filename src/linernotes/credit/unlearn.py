@@ -24,12 +24,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from linernotes import device
 from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
 from linernotes.config import Settings, require
 from linernotes.credit.groups import group_slug, groups
-from linernotes.curvature import FisherSettings
+from linernotes.credit.losses import credit_root
+from linernotes.curvature import FisherSettings, covering_group
+from linernotes.data.manifest import positions
 from linernotes.errors import LinernotesError
-from linernotes.task import PARAM_GROUPS
+from linernotes.run import load_run
+from linernotes.task import PARAM_GROUPS, trainable
 
 RECORD = "credit.json"
 DELTA = "delta.safetensors"
@@ -92,17 +96,6 @@ def method_config(method: str, settings: Settings | Mapping[str, Any] | None = N
     return method_settings(method, {**OPTOUT_BUDGET, **dict(settings or {})})
 
 
-def credit_root(run) -> Path:
-    """`RUN/credit`, emptied when it was made for another version of the run."""
-    root = Path(run.path) / "credit"
-    stamp = root / "run.json"
-    if stamp.exists() and read_json(stamp).get("run") != run.hash:
-        shutil.rmtree(root)
-    if not stamp.exists():
-        write_json(stamp, {"run": run.hash})
-    return root
-
-
 def by_folder(run, by: str) -> Path:
     return credit_root(run) / (re.sub(r"[^A-Za-z0-9_.-]+", "-", by) or "column")
 
@@ -132,44 +125,26 @@ class GroupModel:
         if self.method == "newton":
             from linernotes.unlearning.newton import applied
 
-            with applied(run.model, load_file(str(self.folder / DELTA))) as m:
+            delta = device.move(load_file(str(self.folder / DELTA)), device.of(run.model))
+            with applied(run.model, delta) as m:
                 yield m
         else:
-            from linernotes.training import load_run
-
             yield load_run(self.folder, manifest=manifest).model
 
 
 # ---------------------------------------------------------------- newton
 
 
-@contextmanager
-def _grads_on(model: nn.Module, names: set[str]) -> Iterator[None]:
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    was = model.training
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in names)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was)
-
-
 class _Newton:
     """Shared per call: the training set, the Fisher's damped inverse, N."""
 
     def __init__(self, run, manifest: pd.DataFrame, s: NewtonGroupSettings, progress: bool):
-        from linernotes.attribution.front import fisher_for, train_set
-
         self.run, self.manifest, self.s = run, manifest, s
-        self.store, train, ids = train_set(run, manifest, progress)
-        fs = FisherSettings(group="all" if s.group == "all" else "transformer",
-                            draws=s.fisher_draws)
-        self.fisher = fisher_for(run, train, fs, progress)
-        self.inv, self.damp = self.fisher.damped_inverse(s.damping)
+        self.store, _, ids = run.train_set(manifest, progress)
+        fs = FisherSettings(group=covering_group(s.group), draws=s.fisher_draws)
+        self.fisher = run.fisher(manifest, fs, progress)
+        inv, self.damp = self.fisher.damped_inverse(s.damping)
+        self.inv = device.move(inv, device.of(run.model))
         self.n_train = len(ids)
         self.params = run.task.parameters(run.model, s.group)
         missing = sorted(set(self.params) - set(self.inv))
@@ -183,7 +158,7 @@ class _Newton:
 
         s, task, model = self.s, self.run.task, self.run.model
         total = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        with _grads_on(model, set(self.params)):
+        with trainable(model, self.params):
             for tid in track_ids:
                 q = query_from_spec(f"train:{tid}", self.run, self.store, self.manifest)
                 grad, _ = query_gradient(task, model, q, self.params, s.draws, s.seed,
@@ -198,8 +173,7 @@ class _Newton:
         from linernotes.data.dataset import TrackDataset
         from linernotes.unlearning.newton import applied
 
-        pos = {t: i for i, t in enumerate(self.manifest["track_id"].astype(str))}
-        ds = TrackDataset(self.store, self.manifest, [pos[t] for t in track_ids])
+        ds = TrackDataset(self.store, self.manifest, positions(self.manifest, track_ids))
         probe = ScoreSettings(timesteps=5, stride=200, seed=self.s.seed + 3)
         scale = 1.0 / self.n_train
 
@@ -226,7 +200,7 @@ class _Newton:
         alpha = self.s.alpha if self.s.alpha > 0 else self.alpha(track_ids, direction)
         delta = {n: (alpha / self.n_train) * d for n, d in direction.items()}
         with atomic_path(folder / DELTA) as tmp:
-            save_file({n: d.contiguous() for n, d in delta.items()}, str(tmp))
+            save_file({n: d.cpu().contiguous() for n, d in delta.items()}, str(tmp))
         return {"alpha": alpha, "n_train": self.n_train, "damping": self.damp}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from linernotes.artifacts import atomic_path, hash_json
@@ -95,6 +96,12 @@ def manifest_hash(df: pd.DataFrame) -> str:
     """Hash of the manifest's content (what a model or feature cache was made from)."""
     cols = ["track_id", "path", "caption", "duration", "sample_rate", "split"]
     return hash_json(df[cols].astype(str).values.tolist())
+
+
+def positions(df: pd.DataFrame, track_ids) -> np.ndarray:
+    """Manifest positions of `track_ids`, in their order."""
+    pos = {t: i for i, t in enumerate(df["track_id"].astype(str))}
+    return np.asarray([pos[str(t)] for t in track_ids], dtype=np.int64)
 
 
 def audio_path(df: pd.DataFrame, row: pd.Series) -> Path:

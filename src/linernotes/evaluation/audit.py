@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,24 +21,16 @@ import pandas as pd
 import torch
 
 from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
+from linernotes.attribution.embeddings import audio_embeddings
 from linernotes.attribution.losses import ScoreSettings, track_losses
-from linernotes.config import Settings, require
+from linernotes.clips import generate
+from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import TrackDataset, collate
 from linernotes.data.manifest import read_manifest
 from linernotes.errors import LinernotesError
-from linernotes.models.pipeline import GenerateSettings, generate, sample_latents
-from linernotes.training import (
-    CHECKPOINT,
-    LOSS_LOG,
-    RUN_CONFIG,
-    Run,
-    TrainSettings,
-    load_run,
-    log_seconds,
-    train,
-)
+from linernotes.run import Retrainer, Run, load_run, retrain_seconds
 from linernotes.unlearning.forget import ForgetSet, ForgetSpec, resolve_forget_set
-from linernotes.unlearning.trainer import read_record, removed_tracks
+from linernotes.unlearning.trainer import read_record
 
 #: Hook for more embeddings of audio frames (e.g. basic-pitch from the similarity module):
 #: fn(run, features (B, T, M) normalised, mask (B, T)) -> (B, D). Register one with
@@ -67,23 +58,24 @@ METRICS = {
 class AuditSettings(Settings):
     """What the audit measures and how strict its verdicts are."""
 
-    score_timesteps: int = 10  # fixed timesteps per track for the losses
-    score_stride: int = 100
-    seed: int = 0
-    max_retain: int = 200  # retain tracks scored (a seeded sample; 0 = all)
-    min_artist_holdout: int = 5  # fewer holdout tracks of the artist: use all artists' holdout
-    prompts: int = 8  # prompts naming the forgotten artist(s)
-    other_prompts: int = 24  # prompts of other artists (utility)
-    generate_steps: int = 25
-    guidance: float = 3.0
-    batch_size: int = 16  # clips sampled together
-    pairs: int = 2  # before/after WAV clips per method for the report (Griffin-Lim; 0 = none)
-    griffin_lim_iters: int = 16
-    forget_tol: float = 0.03  # verdict: |forget loss − retrained| / retrained
-    auc_tol: float = 0.10  # verdict: |MIA AUC − retrained's|
-    utility_tol: float = 0.05  # verdict: retain / holdout loss increase over the original
-    resemblance_tol: float = 0.5  # verdict: share of the original->retrained CLAP-similarity
-    # drop (artist prompts vs forget set) that may remain
+    score_timesteps: int = setting(10, "Fixed timesteps per track for the losses.")
+    score_stride: int = setting(100, "Stride of those timesteps (of 1000).")
+    seed: int = setting(0, "Seed of samples, prompts' noise and draws.")
+    max_retain: int = setting(200, "Retain tracks scored (a seeded sample; 0 = all).")
+    min_artist_holdout: int = setting(5, "Fewer holdout tracks of the artist: the membership "
+                                      "test uses all artists' holdout tracks.")
+    prompts: int = setting(8, "Prompts naming the forgotten artist(s).")
+    other_prompts: int = setting(24, "Prompts of other artists (utility).")
+    generate_steps: int = setting(25, "Sampler steps of the audit's generations.")
+    guidance: float = setting(3.0, "Classifier-free guidance of the generations.")
+    batch_size: int = setting(16, "Clips sampled together.")
+    pairs: int = setting(2, "Before/after WAV pairs per method for the report (0 = none).")
+    griffin_lim_iters: int = setting(16, "Vocoder iterations of those WAV pairs.")
+    forget_tol: float = setting(0.03, "Verdict: forget loss within this of retrained.")
+    auc_tol: float = setting(0.10, "Verdict: MIA AUC within this of retrained.")
+    utility_tol: float = setting(0.05, "Verdict: retain/holdout loss rise at most.")
+    resemblance_tol: float = setting(0.5, "Verdict: share of the original-to-retrained drop in "
+                                     "resemblance to the artist that may remain.")
 
     def validate(self) -> None:
         require(self.score_timesteps >= 1, "score_timesteps must be >= 1.")
@@ -125,47 +117,6 @@ class AuditResult:
         return audit_markdown(self.table, self.verdicts, self.notes)
 
 
-# ---------------------------------------------------------------- the retrained reference
-
-
-def retrain_reference(
-    original: Run,
-    manifest: pd.DataFrame,
-    forget: ForgetSet,
-    settings: TrainSettings | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-) -> tuple[Run, float]:
-    """The model retrained without the forget set (same recipe and CLAP), and its seconds.
-
-    Cached in `cache_dir` (default: the run's `retrained/` folder) keyed by the training inputs.
-    """
-    base = settings or TrainSettings.from_dict(original.config["train"])
-    exclude = sorted(set(base.exclude) | set(removed_tracks(original)) | set(forget.forget_ids))
-    s = base.replace(exclude=tuple(exclude))
-    key = hash_json({"manifest": original.manifest_hash, "features": original.features.to_dict(),
-                     "model": original.config["model"], "clap": original.config["clap_hash"],
-                     "train": s.to_dict()})
-    folder = Path(cache_dir or Path(original.path) / "retrained") / key
-    record = folder / "retrain.json"
-    if (folder / RUN_CONFIG).exists():
-        rec = read_json(record) if record.exists() else {}
-        seconds = log_seconds(folder / LOSS_LOG) if rec.get("resumed") else rec.get("seconds")
-        return load_run(folder, manifest=manifest), float(seconds or math.nan)
-    from linernotes.models.denoiser import DenoiserConfig
-
-    resumed = (folder / CHECKPOINT).exists()
-    started = time.perf_counter()
-    run = train(manifest, folder, s, DenoiserConfig.from_dict(original.config["model"]["config"]),
-                original.features, clap=Path(original.path) / "clap", progress=progress)
-    seconds = time.perf_counter() - started
-    if resumed:  # this call's wall clock covers only the part after the resume
-        seconds = log_seconds(folder / LOSS_LOG)
-    write_json(record, {"seconds": seconds, "resumed": resumed, "forget_ids": list(
-        forget.forget_ids), "exclude": exclude, "original": original.hash})
-    return run, seconds
-
-
 # ---------------------------------------------------------------- metrics
 
 
@@ -192,24 +143,28 @@ def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * root))
 
 
-@torch.no_grad()
-def audio_embeddings(run: Run, dataset: TrackDataset, batch_size: int = 64) -> np.ndarray:
-    """CLAP audio embeddings (N, D) of real tracks."""
+def dataset_embeddings(run: Run, dataset: TrackDataset, batch_size: int = 64) -> np.ndarray:
+    """Audio embeddings (N, D) of real tracks."""
     out = []
     for lo in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(lo, min(len(dataset), lo + batch_size))])
-        out.append(run.clap.embed_audio(batch["features"].float(), batch["mask"]).numpy())
-    return np.concatenate(out) if out else np.empty((0, run.clap.dim))
+        out.append(audio_embeddings(run, batch["features"], batch["mask"], batch_size))
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+
+def generation_settings(run: Run, s: AuditSettings):
+    """The family's generate settings for the audit's clips (its steps and guidance)."""
+    return run.family.generate_settings(steps=s.generate_steps, guidance=s.guidance)
 
 
 @torch.no_grad()
 def generated_latents(run: Run, prompts: Sequence[str], seeds: Sequence[int],
                       s: AuditSettings) -> torch.Tensor:
-    """Full-length latents (B, T, M) for prompts with per-prompt seeds (same noise per model)."""
-    g = GenerateSettings(steps=s.generate_steps, guidance=s.guidance)
+    """Full-length latents (B, T, ...) for prompts with per-prompt seeds (same noise per model)."""
+    g = generation_settings(run, s)
     n_frames = run.task.latent_shape[0]
-    out = [sample_latents(run, prompts[i:i + s.batch_size], seeds[i:i + s.batch_size], n_frames,
-                          g) for i in range(0, len(prompts), s.batch_size)]
+    out = [run.family.sample(prompts[i:i + s.batch_size], seeds[i:i + s.batch_size], n_frames,
+                             g) for i in range(0, len(prompts), s.batch_size)]
     return torch.cat(out)
 
 
@@ -304,16 +259,15 @@ def _prepare(original: Run, manifest: pd.DataFrame, forget: ForgetSet, s: AuditS
                 other_artists.append(a)
 
     train_rows = np.flatnonzero((split == "train") & ~ids.isin(forget.removed_before).to_numpy())
-    train_emb = audio_embeddings(original, ds(train_rows))
+    train_emb = dataset_embeddings(original, ds(train_rows))
     train_art = artists[np.sort(train_rows)]
     cent_artists = sorted(set(train_art))
     centroids = _normalise(np.stack([train_emb[train_art == a].mean(0) for a in cent_artists]))
-    forget_emb = audio_embeddings(original, forget_ds)
+    forget_emb = dataset_embeddings(original, forget_ds)
     real_rows = np.flatnonzero(np.isin(artists, others) & pool_mask)
     if len(real_rows) > 512:
         real_rows = rng.choice(real_rows, 512, replace=False)
-    with torch.no_grad():
-        other_text = original.clap.embed_text(other_prompts).numpy()
+    other_text = original.family.embed_text(other_prompts).numpy()
     measured = {k: v for k, v in s.to_dict().items() if k not in _PRESENTATION}
     key = hash_json({"forget": sorted(forget.forget_ids), "settings": measured,
                      "prompts": prompts, "other": other_prompts, "embedders": sorted(EMBEDDERS),
@@ -326,7 +280,7 @@ def _prepare(original: Run, manifest: pd.DataFrame, forget: ForgetSet, s: AuditS
         other_seeds=[5000 + i for i in range(len(other_prompts))],
         centroids=centroids, centroid_artists=cent_artists,
         forget_centroid=_normalise(forget_emb.mean(0)), forget_artists=list(forget.artists),
-        real_other=audio_embeddings(original, ds(real_rows)),
+        real_other=dataset_embeddings(original, ds(real_rows)),
         real_extra=_extra_embeddings(original, ds(real_rows[: len(other_prompts)])),
         other_text=other_text,
         notes=notes, key=key,
@@ -352,12 +306,9 @@ def model_metrics(run: Run, data: _AuditData, s: AuditSettings, cache: Path) -> 
     r_loss = track_losses(run.task, run.model, data.retain, score)
     h_loss = track_losses(run.task, run.model, data.holdout, score)
     lat = generated_latents(run, data.prompts, data.seeds, s)
-    full = torch.ones(lat.shape[:2], dtype=torch.bool)
-    with torch.no_grad():
-        emb = run.clap.embed_audio(lat, full).numpy()
+    emb = run.family.embed_audio(lat, torch.ones(lat.shape[:2], dtype=torch.bool)).numpy()
     lat_o = generated_latents(run, data.other_prompts, data.other_seeds, s)
-    with torch.no_grad():
-        emb_o = run.clap.embed_audio(lat_o, torch.ones(lat_o.shape[:2], dtype=torch.bool)).numpy()
+    emb_o = run.family.embed_audio(lat_o, torch.ones(lat_o.shape[:2], dtype=torch.bool)).numpy()
     nearest = np.asarray(data.centroid_artists)[np.argmax(emb @ data.centroids.T, axis=1)]
     nearest_o = np.asarray(data.centroid_artists)[np.argmax(emb_o @ data.centroids.T, axis=1)]
     metrics = {
@@ -446,22 +397,25 @@ def audit(
     manifest: str | Path | pd.DataFrame,
     forget_spec: ForgetSpec | str | Mapping,
     out_dir: str | Path,
-    retrain_settings: TrainSettings | None = None,
+    retrain_steps: int = 0,
     settings: AuditSettings | None = None,
     retrain_dir: str | Path | None = None,
     progress: bool = True,
 ) -> AuditResult:
     """Audit unlearned runs against the original and a retrained-without-forget-set reference.
 
-    Writes into out_dir: audit.csv/.md/.json, audit.png, generated before/after clips and one
-    `optout-<method>.json` per method (readable by `report.build.OptOut.from_dict`).
+    The reference comes from the original run's retrain cache (`retrain_dir` to put it
+    elsewhere), trained with the original's recipe (`retrain_steps` > 0: fewer steps, a cheaper
+    and weaker reference). Writes into out_dir: audit.csv/.md/.json, audit.png, generated
+    before/after clips and one `optout-<method>.json` per method (readable by
+    `report.build.OptOut.from_dict`).
     """
     s = settings or AuditSettings()
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     original = original_run if isinstance(original_run, Run) else load_run(original_run,
                                                                              manifest=df)
     exclude = original.config.get("train", {}).get("exclude", []) or []
-    forget = resolve_forget_set(df, forget_spec, exclude, removed_tracks(original))
+    forget = resolve_forget_set(df, forget_spec, exclude, original.removed_tracks())
     runs = [r if isinstance(r, Run) else load_run(r, manifest=df) for r in unlearned_runs]
     for run in runs:
         rec = read_record(run)
@@ -474,8 +428,9 @@ def audit(
     labels = _label_runs(runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    retrained, retrain_seconds = retrain_reference(original, df, forget, retrain_settings,
-                                                   retrain_dir, progress)
+    retrained = Retrainer(original, df, retrain_dir, progress=progress)(
+        forget.forget_ids, steps=retrain_steps or None)
+    retrain_secs = retrain_seconds(retrained)
     data = _prepare(original, df, forget, s, progress)
     notes = list(data.notes)
     rows = []
@@ -486,14 +441,14 @@ def audit(
         cost = read_record(run)["cost"] if method not in ("", "retrain") else {}
         if method == "retrain":
             cost = {"steps": run.config.get("steps", math.nan)}
-        seconds = retrain_seconds if method == "retrain" else cost.get("seconds", math.nan)
+        seconds = retrain_secs if method == "retrain" else cost.get("seconds", math.nan)
         rows.append({"model": label, "method": method or "none", **m,
                      "seconds": seconds, "steps": cost.get("steps", math.nan),
                      "run": str(run.path)})
     table = pd.DataFrame(rows)
     ref = table.iloc[1]
     table["forget_gap"] = (table["forget_loss"] - ref["forget_loss"]) / ref["forget_loss"]
-    table["cost_fraction"] = table["seconds"] / retrain_seconds
+    table["cost_fraction"] = table["seconds"] / retrain_secs
     table.loc[0, "cost_fraction"] = math.nan
     cols = ["model", "method", *[c for c in METRICS if c in table.columns], "steps",
             *[c for c in table.columns if c.startswith("fd_") and c != "fd_other"], "run"]
@@ -510,7 +465,7 @@ def audit(
         notes.append("The original model is already within the forgetting tolerance of the "
                      "retrained one: it barely memorised these tracks, so this audit cannot "
                      "tell methods apart on forgetting.")
-    if not math.isfinite(retrain_seconds):
+    if not math.isfinite(retrain_secs):
         notes.append("The retraining time is unknown (cached without a record): no cost "
                      "fractions.")
     plot = audit_plot(table, out / "audit.png", ", ".join(forget.artists) or "forget set")
@@ -521,7 +476,7 @@ def audit(
     (out / "audit.md").write_text(result.markdown() + "\n", encoding="utf-8")
     write_json(out / "audit.json", {
         "kind": "linernotes-audit", "forget": forget.to_dict(), "settings": s.to_dict(),
-        "retrained": str(retrained.path), "retrain_seconds": retrain_seconds,
+        "retrained": str(retrained.path), "retrain_seconds": retrain_secs,
         "table": json_rows(table), "verdicts": verdicts, "notes": notes,
     })
     return result
@@ -615,8 +570,7 @@ def _clips(run: Run, prompts: list[str], seeds: list[int], folder: Path, s: Audi
         done = read_json(marker)
         if done.get("run") == run.hash and done.get("prompts") == prompts:
             return [Path(p) for p in done["paths"]]
-    g = GenerateSettings(steps=s.generate_steps, guidance=s.guidance,
-                         griffin_lim_iters=s.griffin_lim_iters)
+    g = generation_settings(run, s).replace(griffin_lim_iters=s.griffin_lim_iters)
     paths = generate(run, prompts, folder, seeds=seeds, settings=g, progress=False)
     write_json(marker, {"run": run.hash, "prompts": prompts, "paths": [str(p) for p in paths]})
     return paths

@@ -19,7 +19,6 @@ import pandas as pd
 from linernotes.artifacts import write_json
 from linernotes.attribution.scores import read_scores
 from linernotes.errors import LinernotesError
-from linernotes.report import plots
 from linernotes.report.normalise import (
     correlation_matrix,
     mean_correlation,
@@ -27,6 +26,7 @@ from linernotes.report.normalise import (
     rank_profile,
     softmax,
 )
+from linernotes.report.plots import correlation_plot, distribution_plot
 
 NORMALISATIONS = {"min-max": min_max, "softmax": softmax}
 CORRELATIONS = ("pearson", "spearman")
@@ -162,14 +162,14 @@ def compare(paths: Sequence[str | Path], out_dir: str | Path) -> Comparison:
                     for norm, g in d.groupby("normalisation", sort=False)}
                 for m, d in dist.groupby("method", sort=False)}
     queries = {m: int(df.loc[df["method"] == m, "query"].nunique()) for m in _methods(df)}
-    plots.distribution_plot(profiles, files["distribution_png"], max(queries.values()))
+    distribution_plot(profiles, files["distribution_png"], max(queries.values()))
     mats, n = method_correlations(df)
     if mats:
         for kind, mat in mats.items():
             files[f"{kind}_csv"] = str(out / f"{kind}.csv")
             mat.to_csv(files[f"{kind}_csv"])
         files["correlation_png"] = str(out / "correlation.png")
-        plots.correlation_plot({k.capitalize(): v for k, v in mats.items()},
+        correlation_plot({k.capitalize(): v for k, v in mats.items()},
                                files["correlation_png"])
     result = Comparison(dist, mats, n, queries, files)
     files["summary"] = str(out / "compare.json")

@@ -1,9 +1,7 @@
-"""Counterfactual checks by retraining: a retrain cache, query measures and leave-K-out.
+"""Counterfactual checks by retraining: query measures and leave-K-out.
 
-`Retrainer` retrains a run's exact recipe (recorded TrainSettings, features, denoiser config, the
-run's own CLAP, same seed unless given) without some training tracks; each retrain is cached in
-`<root>/<hash of (run, sorted exclude ids, seed)>`, resumes after a kill (`train` resumes) and
-records exactly what it left out. `budget` caps the retrains one invocation may start.
+Retrains come from the run's one retrain cache (`run.retrain.Retrainer`: the run's exact recipe
+without some training tracks, cached, resumable, with a budget per invocation).
 
 `leave_k_out` removes each method's top-K tracks for a query (and K random tracks as a control),
 retrains, and measures the query's loss increase ΔL at fixed draws (identical draws for both
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,112 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from linernotes.artifacts import hash_json, read_json, write_json
+from linernotes.artifacts import hash_json
 from linernotes.attribution.query import Query
-from linernotes.config import Settings, require
-from linernotes.data.dataset import split_rows
+from linernotes.clips import load_clip, sampler_settings
+from linernotes.config import Settings, require, setting
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.rows import RowStore
+from linernotes.run import BudgetExhausted, Retrainer, Run, retrain_seconds
 from linernotes.task import draw_noise, fixed_timesteps
-from linernotes.training import CHECKPOINT, RUN_CONFIG, Run, TrainSettings, load_run, train
 
 RANDOM = "random"  # the K-random control's method name
-RETRAIN_RECORD = "retrain.json"
-
-
-class BudgetExhausted(LinernotesError):
-    """The retraining budget of this invocation is used up (re-run to continue)."""
-
-
-# ---------------------------------------------------------------- the retrain cache
-
-
-def train_ids(run: Run, manifest: pd.DataFrame) -> list[str]:
-    """The track ids `run` was trained on (its split minus its own exclude list)."""
-    s = TrainSettings.from_dict(run.config["train"])
-    ids = manifest["track_id"].astype(str).to_numpy()
-    return [ids[i] for i in split_rows(manifest, s.split, s.exclude)]
-
-
-class Retrainer:
-    """Retrains of one run without given tracks, cached under `root`, at most `budget` started."""
-
-    def __init__(self, run: Run, manifest: pd.DataFrame, root: str | Path,
-                 budget: int | None = None, progress: bool = False):
-        if run.config.get("parent"):
-            raise LinernotesError(f"{run.path} is a derived (unlearned) model; retrain from the "
-                                  "original trained run instead.")
-        require(budget is None or budget >= 0, "budget must be >= 0 (None = no limit).")
-        self.run, self.manifest, self.root = run, manifest, Path(root)
-        self.budget, self.progress = budget, progress
-        self.base = TrainSettings.from_dict(run.config["train"])
-        self.ids = train_ids(run, manifest)
-        self._known = set(self.ids)
-        self.started = 0  # retrains started (not found finished) by this object
-
-    def _seed(self, seed: int | None) -> int:
-        return self.base.seed if seed is None else int(seed)
-
-    def _exclude(self, exclude_ids: Sequence[str]) -> list[str]:
-        ids = sorted({str(x) for x in exclude_ids})
-        unknown = [x for x in ids if x not in self._known]
-        if unknown:
-            raise LinernotesError(f"Cannot retrain {self.run.path} without {unknown[:3]}: not "
-                                  "among its training tracks (check the ids / the manifest).")
-        if len(ids) >= len(self.ids):
-            raise LinernotesError("Cannot retrain without every training track.")
-        return ids
-
-    def key(self, exclude_ids: Sequence[str], seed: int | None = None) -> str:
-        """The cache key: hash of (run hash, sorted exclude ids, seed)."""
-        return hash_json({"run": self.run.hash, "exclude": self._exclude(exclude_ids),
-                          "seed": self._seed(seed)})
-
-    def folder(self, exclude_ids: Sequence[str], seed: int | None = None) -> Path:
-        return self.root / self.key(exclude_ids, seed)
-
-    def is_cached(self, exclude_ids: Sequence[str], seed: int | None = None) -> bool:
-        return (self.folder(exclude_ids, seed) / RUN_CONFIG).exists()
-
-    def missing(self, requests: Sequence[tuple[Sequence[str], int | None]]) -> int:
-        """How many distinct retrains of `requests` ((exclude ids, seed) pairs) are not cached."""
-        return sum(not (self.root / k / RUN_CONFIG).exists()
-                   for k in {self.key(ids, seed) for ids, seed in requests})
-
-    def __call__(self, exclude_ids: Sequence[str], seed: int | None = None) -> Run:
-        """The run retrained without `exclude_ids` (from the cache, resumed, or trained now)."""
-        ids, seed = self._exclude(exclude_ids), self._seed(seed)
-        folder = self.folder(ids, seed)
-        if (folder / RUN_CONFIG).exists():
-            return load_run(folder, manifest=self.manifest)
-        if self.budget is not None and self.started >= self.budget:
-            raise BudgetExhausted(f"The retraining budget ({self.budget}) is used up.")
-        self.started += 1
-        from linernotes.models.denoiser import DenoiserConfig
-
-        s = self.base.replace(exclude=tuple(sorted(set(self.base.exclude) | set(ids))), seed=seed)
-        resumed = (folder / CHECKPOINT).exists()
-        t0 = time.perf_counter()
-        run = train(self.manifest, folder, s,
-                    DenoiserConfig.from_dict(self.run.config["model"]["config"]),
-                    self.run.features, clap=Path(self.run.path) / "clap", progress=self.progress)
-        write_json(folder / RETRAIN_RECORD, {
-            "original": self.run.hash, "original_path": str(self.run.path), "excluded": ids,
-            "seed": seed, "seconds": time.perf_counter() - t0, "resumed": resumed,
-            "train": s.to_dict()})
-        return run
-
-
-def retrain_without(run: Run, manifest: pd.DataFrame, exclude_ids: Sequence[str],
-                    folder_root: str | Path, seed: int | None = None,
-                    progress: bool = False) -> Run:
-    """`run`'s recipe retrained without `exclude_ids` (cached in `folder_root`)."""
-    return Retrainer(run, manifest, folder_root, progress=progress)(exclude_ids, seed)
-
-
-def retrain_record(retrained: Run) -> dict:
-    """What a cached retrain recorded: original run, excluded ids, seed, seconds."""
-    return read_json(Path(retrained.path) / RETRAIN_RECORD)
 
 
 # ---------------------------------------------------------------- what is measured on a model
@@ -139,12 +40,12 @@ class EvalDraws(Settings):
     """The query's fixed draws: `timesteps` AbC timesteps × `noises` noises each, keyed by the
     query (common random numbers: identical for every model compared)."""
 
-    timesteps: int = 20
-    stride: int = 50
-    noises: int = 4
-    seed: int = 1000  # apart from the draws the methods themselves use
-    mask: bool = True  # loss over the query's real frames only
-    batch_size: int = 40
+    timesteps: int = setting(20, "Fixed timesteps of the query loss.")
+    stride: int = setting(50, "Stride of those timesteps (of 1000).")
+    noises: int = setting(4, "Noises per timestep.")
+    seed: int = setting(1000, "Seed of the query's draws (apart from the methods' own).")
+    mask: bool = setting(True, "Loss over the query's real frames only.")
+    batch_size: int = setting(40, "Draws per forward.")
 
     def validate(self) -> None:
         require(self.timesteps >= 1 and self.noises >= 1, "timesteps and noises must be >= 1.")
@@ -169,45 +70,41 @@ def query_loss(task, model, query: Query, draws: EvalDraws) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Regeneration:
-    """How a query's clip is regenerated: prompt, noise seed, real frames, sampler settings."""
+    """How a query's clip is regenerated: prompt, noise seed, real frames and the sampler's
+    settings (fields of the run's family's generate settings; the rest are its defaults)."""
 
     prompt: str
     seed: int
     n_real: int
-    steps: int = 25
-    guidance: float = 2.0
-    sampler: str = "dpm"
+    sampler: dict = dataclasses.field(default_factory=dict)
 
 
 def regeneration_of(query: Query, steps: int = 25) -> Regeneration:
     """A generated clip's own prompt, seed and sampler (from its sidecar); otherwise the query's
-    caption with a seed derived from its key."""
+    caption with a seed derived from its key, sampled in `steps` steps."""
     path = Path(query.source) if query.source else None
     if path is not None and path.with_suffix(".json").exists():
-        from linernotes.models.pipeline import load_clip
-
         m = load_clip(path).meta
-        return Regeneration(m["prompt"], int(m["seed"]), int(m["n_real_frames"]),
-                            int(m["steps"]), float(m["guidance"]), str(m["sampler"]))
+        return Regeneration(m["prompt"], int(m["seed"]), int(m["n_real_frames"]), dict(m))
     seed = int(hash_json(["regenerate", query.key])[:8], 16)
-    return Regeneration(query.caption, seed, max(1, int(query.mask.sum())), steps)
+    return Regeneration(query.caption, seed, max(1, int(query.mask.sum())), {"steps": steps})
 
 
 def regenerate(run: Run, r: Regeneration) -> torch.Tensor:
-    """The (T, M) latent `run` samples for `r` (same noise and prompt for every model)."""
-    from linernotes.models.pipeline import GenerateSettings, sample_latents
-
-    s = GenerateSettings(steps=r.steps, guidance=r.guidance, sampler=r.sampler)
-    return sample_latents(run, [r.prompt], [r.seed], r.n_real, s)[0]
+    """The latent (T, ...) `run` samples for `r` (same noise and prompt for every model)."""
+    s = sampler_settings(run, r.sampler)
+    return run.family.sample([r.prompt], [r.seed], r.n_real, s)[0]
 
 
 @torch.no_grad()
-def generation_change(clap, a: torch.Tensor, b: torch.Tensor, n_real: int) -> tuple[float, float]:
-    """(mean squared difference over real frames, CLAP-audio cosine distance) of two latents."""
+def generation_change(run: Run, a: torch.Tensor, b: torch.Tensor,
+                      n_real: int) -> tuple[float, float]:
+    """(mean squared difference over real frames, audio-embedding cosine distance) of two
+    latents, embedded by `run`'s family."""
     mse = float((a[:n_real] - b[:n_real]).double().pow(2).mean())
     mask = (torch.arange(a.shape[0]) < n_real).unsqueeze(0)
-    ea = clap.embed_audio(a.unsqueeze(0).float(), mask)
-    eb = clap.embed_audio(b.unsqueeze(0).float(), mask)
+    ea = run.family.embed_audio(a.unsqueeze(0).float(), mask)
+    eb = run.family.embed_audio(b.unsqueeze(0).float(), mask)
     return mse, float(1.0 - (ea * eb).sum())
 
 
@@ -292,7 +189,7 @@ def leave_k_out(
     if random_control and RANDOM in methods:
         raise LinernotesError(f"A score table is named {RANDOM!r}, the control's name; rename it "
                               "or turn the random control off.")
-    retrainer = retrainer or Retrainer(run, manifest, Path(folder) / "retrains")
+    retrainer = retrainer or Retrainer(run, manifest)
     ids = retrainer.ids
     requests = []
     for q in queries:
@@ -351,12 +248,11 @@ def _row(key: str, r: _Request, retrainer: Retrainer, retrained: Run, base: tupl
     loss1 = query_loss(retrained.task, retrained.model, r.query, draws)
     d_gen = d_clap = float("nan")
     if generation:
-        d_gen, d_clap = generation_change(retrained.clap, latent0, regenerate(retrained, regen),
+        d_gen, d_clap = generation_change(retrained, latent0, regenerate(retrained, regen),
                                           regen.n_real)
-    record = retrain_record(retrained)
     return {"query": r.query.key, "method": r.method, "k_spec": r.k_spec, "k": r.k,
             "delta_loss": loss1 - loss0, "loss_base": loss0, "loss_retrained": loss1,
             "delta_gen": d_gen, "delta_gen_clap": d_clap,
             "retrain": retrainer.key(r.ids), "retrained_run": retrained.hash,
-            "seconds_retrain": float(record.get("seconds", float("nan"))),
+            "seconds_retrain": retrain_seconds(retrained),
             "excluded": json.dumps(sorted(r.ids)), "key": key}

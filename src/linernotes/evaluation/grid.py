@@ -55,10 +55,8 @@ class _Unlearning:
     """Unlearning attributors of one run, one per (Fisher group, score settings), cached."""
 
     def __init__(self, run, manifest: pd.DataFrame, progress: bool = False):
-        from linernotes.attribution.front import train_set
-
         self.run, self.manifest, self.progress = run, manifest, progress
-        self.store, self.train, self.ids = train_set(run, manifest, progress)
+        self.store, self.train, self.ids = run.train_set(manifest, progress)
         self._cache: dict = {}
 
     def query(self, spec: str) -> Query:
@@ -67,17 +65,16 @@ class _Unlearning:
         return query_from_spec(spec, self.run, self.store, self.manifest)
 
     def attributor(self, unlearn: UnlearnSettings, score: ScoreSettings):
-        from linernotes.attribution.front import fisher_for, fisher_group
         from linernotes.attribution.unlearning import UnlearningAttributor
-        from linernotes.curvature import FisherSettings
+        from linernotes.curvature import FisherSettings, covering_group
 
-        group = fisher_group(unlearn.group)
+        group = covering_group(unlearn.group)
         key = (group, score.hash())
         if key not in self._cache:
-            fisher = fisher_for(self.run, self.train, FisherSettings(group=group), self.progress)
+            fisher = self.run.fisher(self.manifest, FisherSettings(group=group), self.progress)
             self._cache[key] = UnlearningAttributor(
                 self.run.task, self.run.model, self.run.hash, self.manifest, self.train,
-                self.ids, fisher, Path(self.run.path) / "cache", score, self.progress)
+                self.ids, fisher, self.run.cache_dir, score, self.progress)
         return self._cache[key]
 
 

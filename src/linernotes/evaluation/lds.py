@@ -32,23 +32,24 @@ from scipy.stats import rankdata
 
 from linernotes.artifacts import hash_json
 from linernotes.attribution.query import Query
-from linernotes.config import Settings, require
+from linernotes.config import Settings, require, setting
 from linernotes.errors import LinernotesError
-from linernotes.evaluation.counterfactual import BudgetExhausted, EvalDraws, Retrainer, query_loss
+from linernotes.evaluation.counterfactual import EvalDraws, query_loss
 from linernotes.evaluation.rows import RowStore
-from linernotes.training import Run
+from linernotes.run import BudgetExhausted, Retrainer, Run
 
 
 @dataclasses.dataclass(frozen=True)
 class LdsSettings(Settings):
     """How many subset models, how large, and the ceiling's extra seeds."""
 
-    subsets: int = 16
-    fraction: float = 0.5
-    seed: int = 0  # which subsets are drawn
-    extra_seeds: int = 2  # extra seeds of the full model (variance ceiling); 0 = none
-    paired_subsets: int = 0  # subsets also trained with extra seeds (pairwise ceiling)
-    paired_seeds: int = 1  # extra seeds per paired subset
+    subsets: int = setting(16, "Models trained on random subsets.")
+    fraction: float = setting(0.5, "Share of the training set in each subset.")
+    seed: int = setting(0, "Seed of the subsets.")
+    extra_seeds: int = setting(2, "Extra seeds of the full model (variance ceiling).")
+    paired_subsets: int = setting(0, "Subsets also trained with another seed (pairwise "
+                                  "ceiling).")
+    paired_seeds: int = setting(1, "Extra seeds per paired subset.")
 
     def validate(self) -> None:
         require(self.subsets >= 3, "LDS needs at least 3 subset models.")
@@ -145,7 +146,7 @@ def subset_losses(
     """
     s, draws = settings or LdsSettings(), draws or EvalDraws()
     say = log or (lambda _msg: None)
-    retrainer = retrainer or Retrainer(run, manifest, Path(folder) / "retrains")
+    retrainer = retrainer or Retrainer(run, manifest)
     ids = retrainer.ids
     subsets = random_subsets(len(ids), s.subsets, s.fraction, s.seed)
     seed0 = retrainer.base.seed

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from linernotes import device
 from linernotes.artifacts import atomic_path, hash_file, read_json, write_json
 from linernotes.config import Settings, require
 from linernotes.errors import LinernotesError
@@ -113,7 +114,8 @@ class ClapEncoder(nn.Module):
 
     def embed_text(self, captions: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings (B, D)."""
-        return F.normalize(self.text_proj(self.text.sentence(list(captions))), dim=-1)
+        sentences = self.text.sentence(list(captions)).to(device.of(self))
+        return F.normalize(self.text_proj(sentences), dim=-1)
 
     def embed_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised audio embeddings (B, D) of normalised frames (B, T, M) with mask (B, T)."""
@@ -338,7 +340,7 @@ class LaionClapEncoder:
     def embed_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.features is None or self.stats is None:
             raise LinernotesError("LaionClapEncoder.embed_audio needs `features` and `stats`.")
-        from linernotes.data.features import db_to_audio
+        from linernotes.models.mel import db_to_audio
 
         wavs = []
         for x, m in zip(features.detach().cpu().numpy(), mask.cpu().numpy()):

@@ -87,7 +87,7 @@ class Denoiser(nn.Module):
         self.token_pos = nn.Parameter(torch.randn(config.clap_tokens + 1, c) * 0.02)
         self.words = nn.Linear(TEXT_DIM, c) if self.uses_words else None
         self.null_clap = nn.Parameter(torch.zeros(clap_dim))
-        self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def uses_words(self) -> bool:
@@ -98,16 +98,19 @@ class Denoiser(nn.Module):
         return {"config": self.config.to_dict(), "n_mels": self.n_mels, "clap_dim": self.clap_dim}
 
     @torch.inference_mode(False)
-    def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary position tables, cached per length (made outside inference mode, so a table
-        first built while scoring can serve gradient computations later)."""
-        if length not in self._rotary:
+    def rotary(self, length: int, device: torch.device | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position tables, cached per length and device (made outside inference mode,
+        so a table first built while scoring can serve gradient computations later)."""
+        key = (length, str(device or "cpu"))
+        if key not in self._rotary:
             from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
-            self._rotary[length] = get_1d_rotary_pos_embed(
+            cos, sin = get_1d_rotary_pos_embed(
                 self.config.head_dim // 2, length, use_real=True, repeat_interleave_real=False
             )
-        return self._rotary[length]
+            self._rotary[key] = (cos.to(device or "cpu"), sin.to(device or "cpu"))
+        return self._rotary[key]
 
     def encode_condition(self, cond: dict, drop: torch.Tensor | None) -> tuple:
         """Cross-attention tokens (B, S, C), their mask (B, S) or None, global token (B, 1, C)."""
@@ -137,7 +140,7 @@ class Denoiser(nn.Module):
             timestep=t.to(x.dtype),
             encoder_hidden_states=tokens,
             global_hidden_states=glob,
-            rotary_embedding=self.rotary(x.shape[1] + 1),
+            rotary_embedding=self.rotary(x.shape[1] + 1, x.device),
             encoder_attention_mask=tmask,
             return_dict=False,
         )[0]

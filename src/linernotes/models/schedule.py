@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from linernotes.errors import LinernotesError
+from linernotes.task import T_RANGE
 
-T_MIN = 1e-3
-T_MAX = 1.0 - 1e-3
+T_MIN, T_MAX = T_RANGE
 
 
 def alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from linernotes import device
 from linernotes.errors import LinernotesError
-from linernotes.models.schedule import add_noise, v_target
+from linernotes.models.schedule import add_noise, alpha_sigma, v_target
 from linernotes.task import PARAM_GROUPS, Task
 
 _GROUP_PATTERNS = {
@@ -60,27 +61,28 @@ class ReferenceTask(Task):
     @torch.inference_mode(False)
     @torch.no_grad()
     def _fill_text_cache(self, todo: list[str], max_words: int) -> None:
-        emb = self.clap.embed_text(todo).float()
+        emb = self.clap.embed_text(todo).float().cpu()  # cached on the CPU, moved per batch
         words, wmask = self.clap.text.tokens(todo, max_words)
         for i, c in enumerate(todo):
             self._text_cache[(c, max_words)] = (emb[i], words[i], wmask[i])
 
     def condition(self, model: nn.Module, batch: dict) -> dict:
-        """The conditioning dict the denoiser expects, for a Task batch."""
-        cfg = model.config
-        mask = batch["mask"].bool()
+        """The conditioning dict the denoiser expects, for a Task batch (on the model's device)."""
+        cfg, dev = model.config, device.of(model)
+        mask = batch["mask"].bool().to(dev)
         frac = mask.sum(1).to(torch.float32) / mask.shape[1]
         if cfg.condition == "audio":
             with torch.no_grad():
-                clap = self.clap.embed_audio(batch["features"].float(), mask).float()
+                clap = self.clap.embed_audio(batch["features"].float().to(dev), mask).float()
             b = clap.shape[0]
             return {
                 "clap": clap,
                 "frac": frac,
-                "words": torch.zeros(b, 1, 384),
-                "words_mask": torch.zeros(b, 1, dtype=torch.bool),
+                "words": torch.zeros(b, 1, 384, device=dev),
+                "words_mask": torch.zeros(b, 1, dtype=torch.bool, device=dev),
             }
-        return {**self.text_condition(batch["caption"], cfg.max_words), "frac": frac}
+        text = device.move(self.text_condition(batch["caption"], cfg.max_words), dev)
+        return {**text, "frac": frac}
 
     # ---------------------------------------------------------------- the Task contract
 
@@ -93,25 +95,30 @@ class ReferenceTask(Task):
         mask_padding: bool = False,
     ) -> torch.Tensor:
         """Mean squared v-error per sample over mels and frames (only real frames if asked)."""
-        x0 = batch["features"].to(torch.float32)
-        noise = noise.to(x0.dtype).view_as(x0)
+        dev = device.of(model)
+        x0 = batch["features"].to(dev, torch.float32)
+        noise = noise.to(dev, x0.dtype).view_as(x0)
         pred = self.prediction(model, batch, t, noise)
-        err = (pred.float() - v_target(x0, noise, t.to(x0.dtype))).pow(2).mean(-1)  # (B, T)
+        err = (pred.float() - v_target(x0, noise, t.to(dev, x0.dtype))).pow(2).mean(-1)  # (B, T)
         if not mask_padding:
             return err.mean(1)
-        m = batch["mask"].to(err.dtype)
+        m = batch["mask"].to(dev, err.dtype)
         return (err * m).sum(1) / m.sum(1).clamp_min(1.0)
 
     def prediction(
         self, model: nn.Module, batch: dict, t: torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         """The denoiser's v-prediction (B, T, M) at x_t = add_noise(features, noise, t)."""
-        x0 = batch["features"].to(torch.float32)
-        noise = noise.to(x0.dtype).view_as(x0)
-        t = t.to(x0.dtype)
-        return model(
-            add_noise(x0, noise, t), t, self.condition(model, batch), batch.get("drop_cond")
-        )
+        dev = device.of(model)
+        x0 = batch["features"].to(dev, torch.float32)
+        noise = noise.to(dev, x0.dtype).view_as(x0)
+        t = t.to(dev, x0.dtype)
+        return model(add_noise(x0, noise, t), t, self.condition(model, batch),
+                     device.move(batch.get("drop_cond"), dev))
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosine schedule's signal and noise scales at t."""
+        return alpha_sigma(t)
 
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:
         """Parameter names of a group: cross_attn_kv, cross_attn, self_attn, transformer, all.

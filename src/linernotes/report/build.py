@@ -30,8 +30,13 @@ from linernotes.attribution.scores import read_scores
 from linernotes.data.audio import load_audio
 from linernotes.data.manifest import audio_path, read_manifest
 from linernotes.errors import LinernotesError
-from linernotes.report import plots
 from linernotes.report.normalise import correlation_matrix, mean_correlation, min_max, softmax
+from linernotes.report.plots import (
+    correlation_plot,
+    distribution_plot,
+    spectrogram_figure,
+    spectrogram_thumbnail,
+)
 
 MARKER = "report.json"
 PARALLEL_FROM = 8  # media jobs from which a second thread pays off
@@ -508,7 +513,7 @@ class _Stats:
                 mean = s / n
                 profiles[method][norm] = (mean, np.sqrt(np.clip(s2 / n - mean**2, 0, None)))
         n_queries = max(self.n.values())
-        plots.distribution_plot(profiles, plot_dir / "distribution.png", n_queries)
+        distribution_plot(profiles, plot_dir / "distribution.png", n_queries)
         credit = pd.DataFrame({m: s / self.n[m] for m, s in self.artist_share.items()}).fillna(0)
         credit = credit.loc[credit[self.methods[0]].sort_values(ascending=False).index]
         artists = [
@@ -534,7 +539,7 @@ class _Stats:
         }
         if self.correlations["pearson"]:
             mats = {k.capitalize(): mean_correlation(v) for k, v in self.correlations.items()}
-            plots.correlation_plot(mats, plot_dir / "correlation.png")
+            correlation_plot(mats, plot_dir / "correlation.png")
             out["correlation"] = "media/plots/correlation.png"
             out["matrices"] = {k: _matrix(v) for k, v in mats.items()}
             out["n_correlated"] = len(self.correlations["pearson"])
@@ -612,9 +617,9 @@ def _render_media(job: tuple) -> dict:
     with atomic_path(root / audio_rel) as tmp:
         sf.write(str(tmp), np.clip(audio, -1, 1), sr, format=container, subtype=subtype)
     if figure:
-        plots.spectrogram_figure(audio, sr, root / spec_rel, size=tuple(figure))
+        spectrogram_figure(audio, sr, root / spec_rel, size=tuple(figure))
     else:
-        plots.spectrogram_thumbnail(audio, sr, root / spec_rel)
+        spectrogram_thumbnail(audio, sr, root / spec_rel)
     seconds = len(audio) / sr
     return {
         "audio": audio_rel,

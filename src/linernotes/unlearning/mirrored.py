@@ -17,6 +17,7 @@ import dataclasses
 import torch
 
 from linernotes.config import require
+from linernotes.training import StepBatches
 from linernotes.unlearning.trainer import (
     RETAIN_STREAM,
     MethodSettings,
@@ -44,18 +45,6 @@ class MirroredSettings(MethodSettings):
         require(self.null_loss >= 0 and self.null_batches >= 1, "null_loss >= 0, batches >= 1.")
 
 
-def untrained_copy(run, seed: int) -> torch.nn.Module:
-    """A freshly initialised model of the run's architecture (seeded; global RNG untouched)."""
-    from linernotes.models.denoiser import Denoiser, DenoiserConfig
-
-    desc = run.config["model"]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Denoiser(DenoiserConfig.from_dict(desc["config"]), desc["n_mels"],
-                         desc["clap_dim"])
-    return model.eval()
-
-
 @register
 class Mirrored(UnlearningMethod):
     """Minimise L_retain − lam · mean(clamp(ℓ_forget, max=L_null)); stop near L_null."""
@@ -70,9 +59,7 @@ class Mirrored(UnlearningMethod):
 
     @torch.no_grad()
     def estimate_null(self) -> float:
-        from linernotes.training import StepBatches
-
-        fresh = untrained_copy(self.ctx.run, self.s.seed)
+        fresh = self.ctx.run.family.untrained(self.s.seed)
         batches = StepBatches(self.ctx.retain, self.s.retain_batch_size, self.s.seed + 3)
         losses = [
             diffusion_terms(self.ctx.task, fresh, batches(i), self.s.seed + 3, i, RETAIN_STREAM,

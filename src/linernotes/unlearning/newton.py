@@ -17,11 +17,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from linernotes import device
 from linernotes.attribution.query import Query
-from linernotes.config import Settings, require
+from linernotes.config import Settings, require, setting
 from linernotes.curvature import Fisher
 from linernotes.errors import LinernotesError
-from linernotes.task import PARAM_GROUPS, Task, draw_noise
+from linernotes.task import PARAM_GROUPS, Task, draw_noise, trainable
 
 Delta = dict[str, torch.Tensor]
 
@@ -30,17 +31,18 @@ Delta = dict[str, torch.Tensor]
 class UnlearnSettings(Settings):
     """The unlearning step. Defaults: the music paper's best (all transformer blocks, M_U on)."""
 
-    group: str = "transformer"
-    alpha: float = 0.0  # step size; 0 = choose per query from target_ratio
-    target_ratio: float = 1.5  # with alpha = 0: query loss after / before the first step
-    n_scaling: bool = True  # divide alpha by the number of training tracks N
-    damping: float = 1e-3  # λ = damping × mean(F)
-    draws: int = 1024  # (timestep, noise) draws averaged in the query gradient
-    steps: int = 1
-    mask_query: bool = True  # M_U: mask the query's padding in its unlearning loss
-    seed: int = 0
-    batch_size: int = 64  # draws per forward/backward
-    probe_draws: int = 64  # draws measuring the query's loss when choosing alpha
+    group: str = setting("transformer", "Parameters unlearned (a parameter group).")
+    alpha: float = setting(0.0, "Step size (0 = reach --target-ratio).")
+    target_ratio: float = setting(1.5, "With alpha 0: the query's loss after / before the first "
+                                  "step.")
+    n_scaling: bool = setting(True, "Divide alpha by the number of training tracks N.")
+    damping: float = setting(1e-3, "Fisher damping (x mean F).")
+    draws: int = setting(1024, "Draws (timestep, noise) in the query gradient.")
+    steps: int = setting(1, "Unlearning steps.")
+    mask_query: bool = setting(True, "M_U: mask the query's padding in its unlearning loss.")
+    seed: int = setting(0, "Seed of the query's draws.")
+    batch_size: int = setting(64, "Draws per forward/backward.")
+    probe_draws: int = setting(64, "Draws measuring the query's loss when choosing alpha.")
 
     def validate(self) -> None:
         require(self.group in PARAM_GROUPS, f"Unknown parameter group {self.group!r}; "
@@ -114,15 +116,11 @@ def unlearn_query(
             f"with `linernotes fisher --group {settings.group}`."
         )
     inv, damp = fisher.damped_inverse(settings.damping)
-    was_training = model.training
-    model.eval()
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in params)
+    inv = device.move(inv, device.of(model))
     scale = 1.0 / n_train if settings.n_scaling else 1.0
     delta: Delta = {n: torch.zeros_like(p) for n, p in params.items()}
     record: dict = {"damping": damp, "steps": []}
-    try:
+    with trainable(model, params):
         loss0 = query_loss(task, model, query, settings)
         step_size = settings.alpha * scale
         for k in range(settings.steps):
@@ -133,23 +131,19 @@ def unlearn_query(
                 )
             direction = {n: inv[n] * grad[n] for n in params}
             if k == 0 and settings.alpha == 0:
-                step_size = _choose_step(task, model, query, settings, delta, direction, grad,
-                                         loss0)
+                step_size = choose_step(task, model, query, settings, delta, direction, grad,
+                                        loss0)
             for n in params:
                 delta[n] = delta[n] + step_size * direction[n]
             record["steps"].append({"grad_loss": grad_loss})
         with applied(model, delta):
             loss1 = query_loss(task, model, query, settings)
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-        model.train(was_training)
     record.update({"alpha": step_size / scale, "query_loss_before": loss0,
                    "query_loss_after": loss1, "ratio": loss1 / loss0 if loss0 else math.nan})
     return delta, record
 
 
-def _choose_step(task, model, query, s: UnlearnSettings, delta, direction, grad, loss0) -> float:
+def choose_step(task, model, query, s: UnlearnSettings, delta, direction, grad, loss0) -> float:
     """Step size along `direction` that makes the query's loss `target_ratio` × loss0.
 
     Starts from the linear prediction, then brackets and bisects in log space (≤ 24 loss evals).

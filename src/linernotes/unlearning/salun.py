@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from linernotes.artifacts import atomic_path
 from linernotes.config import require
 from linernotes.data.dataset import collate
-from linernotes.task import draw_noise, loss_at_draws
+from linernotes.task import draw_noise, loss_at_draws, trainable
 from linernotes.unlearning.random_label import random_label_loss
 from linernotes.unlearning.trainer import MethodSettings, UnlearningMethod, register
 
@@ -38,13 +38,8 @@ def saliency_mask(method: UnlearningMethod, batch_size: int = 8) -> dict[str, to
     ctx, s = method.ctx, method.s
     named = dict(ctx.model.named_parameters())
     params = {n: named[n] for n in ctx.params}
-    flags = {n: p.requires_grad for n, p in named.items()}
-    for n, p in named.items():
-        p.requires_grad_(n in params)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    was = ctx.model.training
-    ctx.model.eval()
-    try:
+    with trainable(ctx.model, params):
         for lo in range(0, len(ctx.forget), batch_size):
             items = [ctx.forget[i] for i in range(lo, min(len(ctx.forget), lo + batch_size))]
             batch = collate(items)
@@ -53,10 +48,6 @@ def saliency_mask(method: UnlearningMethod, batch_size: int = 8) -> dict[str, to
             loss = loss_at_draws(ctx.task, ctx.model, batch, t, noise, s.mask_padding).sum()
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
                 grads[n] += g
-    finally:
-        for n, p in named.items():
-            p.requires_grad_(flags[n])
-        ctx.model.train(was)
     flat = torch.cat([g.abs().flatten() for g in grads.values()])
     keep = max(1, int(round(s.mask_ratio * flat.numel())))
     threshold = torch.topk(flat, keep, sorted=False).values.min()
@@ -75,7 +66,7 @@ class SalUn(UnlearningMethod):
         self.mask = saliency_mask(self)
         if self.ctx.out_dir is not None:
             with atomic_path(self.ctx.out_dir / MASK_FILE) as tmp:
-                save_file({n: m.to(torch.uint8).contiguous() for n, m in self.mask.items()},
+                save_file({n: m.to(torch.uint8).cpu().contiguous() for n, m in self.mask.items()},
                           str(tmp))
         total = sum(m.numel() for m in self.mask.values())
         chosen = sum(int(m.sum()) for m in self.mask.values())

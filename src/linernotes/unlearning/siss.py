@@ -4,8 +4,7 @@ gradient is rescaled every step to `forget_scale` x the retain term's gradient n
 
 Differences from the paper: the "all data" side is drawn from the retain set (so retain batches
 never hold forget tracks), which makes the n/(n−k) and k/(n−k) constants redundant with the
-per-step gradient scaling. The noise schedule comes from the Task (`alpha_sigma`) when it has one,
-else the reference model's cosine schedule.
+per-step gradient scaling. The noise schedule comes from the Task (`Task.alpha_sigma`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import dataclasses
 import torch
 
 from linernotes.config import require
-from linernotes.models.schedule import alpha_sigma as reference_alpha_sigma
 from linernotes.training import step_generator
 from linernotes.unlearning.trainer import (
     MIX_STREAM,
@@ -61,7 +59,7 @@ class Siss(UnlearningMethod):
         t, eps = random_draws(task, n, self.s.seed, step, MIX_STREAM)
         gen = step_generator(self.s.seed, step, MIX_STREAM + 10)
         from_forget = torch.rand(n, generator=gen) < self.s.mix
-        alpha, sigma = getattr(task, "alpha_sigma", reference_alpha_sigma)(t)
+        alpha, sigma = task.alpha_sigma(t)
         al, si = _expand(x0, alpha), _expand(x0, sigma)
         x_t = al * torch.where(_expand(x0, from_forget), a0, x0) + si * eps
         eps_x, eps_a = (x_t - al * x0) / si, (x_t - al * a0) / si
@@ -78,6 +76,7 @@ class Siss(UnlearningMethod):
         l_x = task.per_sample_loss(model, dict(retain, drop_cond=drop), t, eps_x,
                                    self.s.mask_padding)
         l_a = task.per_sample_loss(model, a, t, eps_a, self.s.mask_padding)
+        w_x, w_a = w_x.to(l_x.device), w_a.to(l_a.device)
         retain_term, forget_term = (w_x * l_x).mean(), (w_a * l_a).mean()
         params = [p for p in model.parameters() if p.requires_grad]
         g_r = torch.autograd.grad(retain_term, params, retain_graph=True, allow_unused=True)

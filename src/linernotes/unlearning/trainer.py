@@ -3,7 +3,7 @@
 `unlearn` copies a run's model, lets the method prepare (saliency mask, Fisher, null loss), then
 runs `training.fit` with paired (forget, retain) batches, the method's loss, its gradient edit
 (`after_backward`) and its stopping rule (`should_stop`); a killed run resumes from its checkpoint.
-The result is a new run folder (`save_derived_run`) with a record of what was removed, how, and at
+The result is a new run folder (`Run.derive`) with a record of what was removed, how, and at
 what cost. Methods register by name (`available_methods`), like kronfluence's strategies.
 `method_context` and `fit_method` are the two halves of that run, also used by attribution's
 MUCS, whose forget set is a generated query rather than training tracks.
@@ -29,28 +29,22 @@ from torch.utils.data import Dataset, Subset
 
 from linernotes.artifacts import hash_json, read_json, write_json
 from linernotes.config import Settings, require
-from linernotes.curvature import Fisher, FisherSettings
+from linernotes.curvature import Fisher, FisherSettings, covering_group
 from linernotes.data.dataset import TrackDataset, collate
-from linernotes.data.manifest import read_manifest
+from linernotes.data.manifest import positions, read_manifest
 from linernotes.errors import LinernotesError
-from linernotes.models.schedule import T_MAX, T_MIN
+from linernotes.run import Layout, Run, load_run
 from linernotes.task import PARAM_GROUPS, draw_noise, fixed_timesteps, loss_at_draws
 from linernotes.training import (
     LOSS_LOG,
-    RUN_CONFIG,
     FitResult,
-    Run,
     StepBatches,
     TrainSettings,
     fit,
-    load_run,
-    save_derived_run,
     step_generator,
 )
 from linernotes.unlearning.forget import ForgetSet, ForgetSpec, resolve_forget_set
 
-RECORD = "optout.json"  # what was removed, how and at what cost (beside the run's config)
-WORK = "_unlearn"  # checkpoint folder while unlearning
 METHOD_MODULES = (
     "gradient_ascent",
     "random_label",
@@ -123,7 +117,8 @@ class UnlearningContext:
 
     run: Run
     model: nn.Module
-    params: list[str]  # names of the parameters that may change
+    group: str  # the parameter group that may change
+    params: list[str]  # its parameters' names
     forget_set: ForgetSet | None  # None when the forget set is not training tracks (a query)
     forget: Dataset  # TrackDataset items; any Dataset of such items (e.g. generated queries)
     retain: TrackDataset
@@ -144,15 +139,9 @@ class UnlearningContext:
 
     def fisher(self, draws: int = 2) -> Fisher:
         """The base run's diagonal Fisher covering `params` (cached in the run folder)."""
-        from linernotes.attribution.front import fisher_for
-
-        group = "all" if any(".transformer_blocks." not in f".{n}" for n in self.params) else (
-            "transformer")
-        settings = FisherSettings(group=group, draws=draws)
+        settings = FisherSettings(group=covering_group(self.group), draws=draws)
         if settings not in self._cache:
-            rows = np.concatenate([self.forget.rows, self.retain.rows])
-            train = TrackDataset(self.forget.store, self.manifest, np.sort(rows))
-            self._cache[settings] = fisher_for(self.run, train, settings, self.progress)
+            self._cache[settings] = self.run.fisher(self.manifest, settings, self.progress)
         fisher = self._cache[settings]
         missing = [n for n in self.params if n not in fisher.diag]
         if missing:
@@ -174,9 +163,7 @@ class UnlearningContext:
 
 def random_draws(task, n: int, seed: int, step: int, stream: int):
     """(t, noise) for n samples: a pure function of (seed, step, stream)."""
-    gen = step_generator(seed, step, stream)
-    t = T_MIN + (T_MAX - T_MIN) * torch.rand(n, generator=gen)
-    return t, torch.randn(n, *task.latent_shape, generator=gen)
+    return task.random_draws(n, step_generator(seed, step, stream))
 
 
 def diffusion_terms(
@@ -231,7 +218,8 @@ def ewc_penalty(
     named = dict(model.named_parameters())
     total = torch.zeros(())
     for name, p0 in theta0.items():
-        total = total + (fisher.diag[name] * (named[name] - p0).pow(2)).sum()
+        f = fisher.diag[name].to(p0.device)
+        total = total + (f * (named[name] - p0).pow(2)).sum()
     return 0.5 * n_train * total
 
 
@@ -249,7 +237,8 @@ def fixed_losses(task, model: nn.Module, dataset: Dataset, seed: int, n_draws: i
         batch = collate([dataset[i] for i in range(lo, min(len(dataset), lo + batch_size))])
         t, noise = draw_noise(batch["track_id"], range(n_draws), task.latent_shape, seed=seed,
                               timesteps=ts)
-        out.append(loss_at_draws(task, model, batch, t, noise, mask_padding).double().numpy())
+        out.append(loss_at_draws(task, model, batch, t, noise, mask_padding).double().cpu()
+                   .numpy())
     model.train(was)
     return np.concatenate(out)
 
@@ -391,18 +380,11 @@ class PairedBatches:
         return {"forget": self.forget(step), "retain": self.retain(step) if self.retain else None}
 
 
-def removed_tracks(run: Run) -> list[str]:
-    """Track ids removed from `run` by earlier opt-outs (cumulative along a chain)."""
-    note = run.config.get("note") or {}
-    return list(note.get("removed_total", []))
-
-
 def _datasets(run: Run, manifest: pd.DataFrame, forget: ForgetSet, progress: bool):
     store = run.feature_store(manifest, progress=progress)
-    pos = {t: i for i, t in enumerate(manifest["track_id"].astype(str))}
 
     def ds(ids):
-        return TrackDataset(store, manifest, [pos[t] for t in ids]) if ids else None
+        return TrackDataset(store, manifest, positions(manifest, ids)) if ids else None
 
     holdout = manifest["track_id"][manifest["split"] == "holdout"].astype(str).tolist()
     return ds(forget.forget_ids), ds(forget.retain_ids), ds(holdout)
@@ -425,8 +407,8 @@ def method_context(
     params = run.task.parameter_names(model, group)
     named = dict(model.named_parameters())
     return UnlearningContext(
-        run=run, model=model, params=params, forget_set=forget_set, forget=forget, retain=retain,
-        holdout=holdout, manifest=manifest,
+        run=run, model=model, group=group, params=params, forget_set=forget_set, forget=forget,
+        retain=retain, holdout=holdout, manifest=manifest,
         theta0={n: named[n].detach().clone() for n in params}, out_dir=out_dir, progress=progress,
     )
 
@@ -467,34 +449,34 @@ def unlearn(
     """
     cls = get_method(method)
     s = method_settings(method, settings)
-    out = Path(out_dir)
+    out = Layout(out_dir)
     key = hash_json({"base": run.hash, "forget": sorted(forget.forget_ids), "method": method,
                      "settings": s.to_dict()})
-    if (out / RECORD).exists():
-        record = read_json(out / RECORD)
+    if out.optout_record.exists():
+        record = read_json(out.optout_record)
         if record.get("key") != key:
             raise LinernotesError(
-                f"{out} already holds another opt-out ({record.get('method')} of "
+                f"{out.path} already holds another opt-out ({record.get('method')} of "
                 f"{record.get('removed', {}).get('artists')}); choose another folder or delete it."
             )
-        return load_run(out, manifest=manifest)
-    if (out / RUN_CONFIG).exists():
-        raise LinernotesError(f"{out} already holds a run that is not an opt-out; choose another "
-                              "folder.")
+        return load_run(out.path, manifest=manifest)
+    if out.is_run:
+        raise LinernotesError(f"{out.path} already holds a run that is not an opt-out; choose "
+                              "another folder.")
     started = time.perf_counter()
     f_ds, r_ds, h_ds = _datasets(run, manifest, forget, progress)
-    ctx = method_context(run, s.group, f_ds, r_ds, h_ds, manifest, forget, out, progress)
+    ctx = method_context(run, s.group, f_ds, r_ds, h_ds, manifest, forget, out.path, progress)
     impl, model = cls(s, ctx), ctx.model
     prepared = {**impl.prepare(), **impl.setup_stopping()}
     check_seed = s.seed + 17
     forget_before = float(fixed_losses(run.task, model, f_ds, check_seed).mean())
     setup_seconds = time.perf_counter() - started
     fit_started = time.perf_counter()
-    result = fit_method(impl, out / WORK, key, progress, f"unlearn {method}")
+    result = fit_method(impl, out.optout_work, key, progress, f"unlearn {method}")
     fit_seconds = time.perf_counter() - fit_started
     this_call = max(1, len(result.losses))
     forget_after = float(fixed_losses(run.task, model, f_ds, check_seed).mean())
-    prev = removed_tracks(run)
+    prev = run.removed_tracks()
     record = {
         "kind": "linernotes-optout",
         "key": key,
@@ -514,12 +496,12 @@ def unlearn(
         },
         "forget_loss": {"before": forget_before, "after": forget_after, "seed": check_seed},
     }
-    new = save_derived_run(run, model, out, note=record)
-    write_json(out / RECORD, {**record, "run_hash": new.hash})
-    log = out / WORK / LOSS_LOG
+    new = run.derive(model, out.path, note=record)
+    write_json(out.optout_record, {**record, "run_hash": new.hash})
+    log = out.optout_work / LOSS_LOG
     if log.exists():
-        shutil.copyfile(log, out / "unlearn_losses.jsonl")
-    shutil.rmtree(out / WORK, ignore_errors=True)
+        shutil.copyfile(log, out.optout_log)
+    shutil.rmtree(out.optout_work, ignore_errors=True)
     return new
 
 
@@ -539,14 +521,14 @@ def optout(
     df = manifest if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     run = run_path if isinstance(run_path, Run) else load_run(run_path, manifest=df)
     exclude = run.config.get("train", {}).get("exclude", []) or []
-    forget = resolve_forget_set(df, forget_spec, exclude, removed_tracks(run))
+    forget = resolve_forget_set(df, forget_spec, exclude, run.removed_tracks())
     return unlearn(run, df, forget, method, settings, out_dir, progress)
 
 
 def read_record(run: Run | str | Path) -> dict:
     """The opt-out record of an unlearned run folder."""
-    path = Path(run.path if isinstance(run, Run) else run) / RECORD
+    path = Layout(run.path if isinstance(run, Run) else run).optout_record
     if not path.exists():
-        raise LinernotesError(f"{path.parent} is not an opt-out run ({RECORD} missing); make one "
-                              "with `optout`.")
+        raise LinernotesError(f"{path.parent} is not an opt-out run ({path.name} missing); make "
+                              "one with `optout`.")
     return read_json(path)

@@ -1,4 +1,5 @@
-"""The demo: the whole flow on the embedded default corpus, every stage cached and resumable."""
+"""`linernotes demo`: the whole flow on the embedded default corpus, every stage cached and
+resumable (corpus, model, clips, attribution, credits, report)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import typer
 
+from linernotes.cli.attribution import print_credits
+from linernotes.cli.common import Options, app, on_device, with_settings
+from linernotes.config import Settings, setting
 from linernotes.errors import LinernotesError
 
 #: Eight artists with distinct styles (choral, polyphony, fiddle tunes, folk songs).
@@ -32,15 +36,26 @@ DEMO_PROMPTS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoSettings:
+class DemoSettings(Settings):
     """Small defaults that keep the whole demo within about 20 minutes on 2 CPU cores."""
 
-    size: int = 240
-    seconds: float = 6.0
-    seed: int = 0
-    steps: int = 1200  # denoiser training steps
-    clap_steps: int = 300
-    top: int = 5
+    size: int = setting(240, "Corpus size.")
+    seconds: float = setting(6.0, "Excerpt length.")
+    seed: int = setting(0, "Seed for everything.")
+    steps: int = setting(1200, "Model training steps.")
+    clap_steps: int = setting(300, "CLAP training steps.")
+    top: int = setting(5, "Credited tracks printed per clip.")
+
+
+@app.command()
+@on_device
+@with_settings(Options("settings", DemoSettings, ("size", "seconds", "seed")))
+def demo(
+    out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for everything it makes."),
+    settings: DemoSettings = None,
+) -> None:
+    """Run the whole flow on the embedded default corpus (resumes where it stopped)."""
+    run_demo(out, settings)
 
 
 def _stage(n: int, title: str) -> float:
@@ -52,15 +67,16 @@ def _done(t0: float) -> None:
     typer.echo(f"   ({time.perf_counter() - t0:.0f} s)")
 
 
-def run_demo(out: Path, s: DemoSettings = DemoSettings()) -> None:
+def run_demo(out: Path, s: DemoSettings | None = None) -> None:
     """Corpus → model → clips → Fisher → attribution → credits → report, in `out`."""
     from linernotes.attribution.front import attribute_run
+    from linernotes.clips import load_clip
     from linernotes.corpus.build import build_corpus
-    from linernotes.data.features import FeatureSettings
-    from linernotes.models.clap import ClapSettings
-    from linernotes.models.pipeline import load_clip
+    from linernotes.models.family import DEFAULT_FAMILY, family_class
     from linernotes.report import build_report
-    from linernotes.training import TrainSettings, train
+    from linernotes.training import TrainSettings
+
+    s = s or DemoSettings()
 
     t0 = _stage(1, "Corpus: music21 scores rendered with FluidSynth")
     corpus = build_corpus(out / "corpus", s.size, s.seconds, s.seed, list(DEMO_ARTISTS))
@@ -74,9 +90,9 @@ def run_demo(out: Path, s: DemoSettings = DemoSettings()) -> None:
     _done(t0)
 
     t0 = _stage(2, "Model: CLAP-style encoder, then a Stable-Audio-style DiT")
-    run = train(manifest, out / "run", TrainSettings(steps=s.steps, seed=s.seed),
-                features=FeatureSettings(seconds=s.seconds),
-                clap_settings=ClapSettings(steps=s.clap_steps, seed=s.seed))
+    family = family_class(DEFAULT_FAMILY)
+    recipe = family.recipe_settings(seconds=s.seconds, clap_steps=s.clap_steps, clap_seed=s.seed)
+    run = family.create(manifest, out / "run", TrainSettings(steps=s.steps, seed=s.seed), recipe)
     typer.echo(f"run {run.hash}: final training loss {run.config['final_loss']:.4f}")
     _done(t0)
 
@@ -91,8 +107,6 @@ def run_demo(out: Path, s: DemoSettings = DemoSettings()) -> None:
     _done(t0)
 
     typer.secho("\nCredits: the training tracks each clip owes most to", bold=True)
-    from linernotes.cli import print_credits
-
     print_credits(tables, s.top, titles=[f"{c.name}: {load_clip(c).prompt}" for c in clips])
 
     t0 = _stage(5, "Report")
@@ -104,7 +118,7 @@ def run_demo(out: Path, s: DemoSettings = DemoSettings()) -> None:
 
 def _clips(run, folder: Path, s: DemoSettings) -> list[Path]:
     """The demo clips: reused when they exist for this run, generated otherwise."""
-    from linernotes.models.pipeline import GenerateSettings, generate, load_clip, move_clip
+    from linernotes.clips import generate, load_clip, move_clip
 
     paths = [folder / f"clip-{i}.wav" for i in range(len(DEMO_PROMPTS))]
     try:
@@ -112,5 +126,5 @@ def _clips(run, folder: Path, s: DemoSettings) -> list[Path]:
             return paths
     except LinernotesError:  # missing, or made by another run: generate them again
         pass
-    made = generate(run, list(DEMO_PROMPTS), folder, s.seed, GenerateSettings(), progress=False)
+    made = generate(run, list(DEMO_PROMPTS), folder, s.seed, progress=False)
     return [move_clip(src, dst) for src, dst in zip(made, paths)]
