@@ -3,8 +3,8 @@
 `select("auto" | "cpu" | "cuda")` sets the device runs are loaded and trained on (auto: CUDA when
 available); every command that runs a model takes `--device`. Data stays on the CPU until it
 meets the model: a Task moves its inputs to the model's device (`move`), draws of noise are made
-on the CPU (so they are the same bits on every device), and results come back to the CPU
-(`to_cpu`) before they are stored. On the CPU every move is a no-op: results are unchanged.
+on the CPU (so they are the same bits on every device), and results come back to the CPU before
+they are stored. On the CPU every move is a no-op: results are unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +67,3 @@ def move(obj: Any, device: torch.device) -> Any:
         return type(obj)(move(v, device) for v in obj)
     return obj
 
-
-def to_cpu(obj: Any) -> Any:
-    """`move(obj, cpu)`: results on their way to numpy or disk."""
-    return move(obj, torch.device("cpu"))

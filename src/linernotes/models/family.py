@@ -14,8 +14,6 @@ class with `@register` and lists its module in `FAMILY_MODULES` (see docs/archit
 from __future__ import annotations
 
 import abc
-import difflib
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +25,7 @@ from torch import nn
 
 from linernotes.config import Settings
 from linernotes.errors import LinernotesError
+from linernotes.registry import Registry
 from linernotes.task import Task
 
 #: Modules holding the built-in families (imported when a family is looked up by name).
@@ -142,30 +141,16 @@ class Family(abc.ABC):
                               "--set layers=...")
 
 
-_REGISTRY: dict[str, type[Family]] = {}
-
-
-def register(cls: type[Family]) -> type[Family]:
-    """Class decorator: make a family available by its `name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a name to be registered.")
-    _REGISTRY[cls.name] = cls
-    return cls
+FAMILIES = Registry("model family", "Families", FAMILY_MODULES)
+#: Class decorator: make a family available by its `name`.
+register = FAMILIES.register
 
 
 def families() -> dict[str, type[Family]]:
     """Every registered family by name (importing the built-in ones)."""
-    for module in FAMILY_MODULES:
-        importlib.import_module(module)
-    return dict(_REGISTRY)
+    return FAMILIES.all()
 
 
 def family_class(name: str) -> type[Family]:
     """The family registered as `name`, or a clear error naming the known ones."""
-    known = families()
-    if name not in known:
-        close = difflib.get_close_matches(name, list(known), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise LinernotesError(f"Unknown model family {name!r}.{hint} Families: "
-                              f"{', '.join(sorted(known))}.")
-    return known[name]
+    return FAMILIES.get(name)

@@ -163,6 +163,10 @@ class Run(Layout):
         rows = split_rows(manifest, str(train.get("split", "train")), sorted(gone))
         return [str(t) for t in manifest["track_id"].to_numpy()[rows]]
 
+    def holdout_ids(self, manifest: pd.DataFrame) -> list[str]:
+        """The held-out track ids (never trained on), in manifest order."""
+        return manifest["track_id"][manifest["split"] == "holdout"].astype(str).tolist()
+
     def train_set(self, manifest: pd.DataFrame, progress: bool = True):
         """(feature store, dataset of the training tracks, their track ids)."""
         store = self.feature_store(manifest, progress)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import importlib
 import shutil
 import time
 from collections.abc import Mapping
@@ -33,6 +31,7 @@ from linernotes.curvature import Fisher, FisherSettings, covering_group
 from linernotes.data.dataset import TrackDataset, collate
 from linernotes.data.manifest import positions, read_manifest
 from linernotes.errors import LinernotesError
+from linernotes.registry import Registry
 from linernotes.run import Layout, Run, load_run
 from linernotes.task import PARAM_GROUPS, draw_noise, fixed_timesteps, loss_at_draws
 from linernotes.training import (
@@ -320,34 +319,20 @@ class UnlearningMethod:
         return {"gap_ratio": h / r, "forget_target": self._target, "forget_start": before}
 
 
-_REGISTRY: dict[str, type[UnlearningMethod]] = {}
-
-
-def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
-    """Class decorator: make a method available by its `name`."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a name to be registered.")
-    _REGISTRY[cls.name] = cls
-    return cls
+METHODS = Registry("unlearning method", "Methods",
+                   [f"linernotes.unlearning.{m}" for m in METHOD_MODULES])
+#: Class decorator: make a method available by its `name`.
+register = METHODS.register
 
 
 def available_methods() -> dict[str, type[UnlearningMethod]]:
     """Every registered unlearning method by name (importing the built-in ones)."""
-    for module in METHOD_MODULES:
-        importlib.import_module(f"linernotes.unlearning.{module}")
-    return dict(_REGISTRY)
+    return METHODS.all()
 
 
 def get_method(name: str) -> type[UnlearningMethod]:
     """The method registered as `name`, or a clear error with close names."""
-    methods = available_methods()
-    if name not in methods:
-        close = difflib.get_close_matches(name, list(methods), n=2)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise LinernotesError(
-            f"Unknown unlearning method {name!r}.{hint} Methods: {', '.join(sorted(methods))}."
-        )
-    return methods[name]
+    return METHODS.get(name)
 
 
 def method_settings(
@@ -386,8 +371,7 @@ def _datasets(run: Run, manifest: pd.DataFrame, forget: ForgetSet, progress: boo
     def ds(ids):
         return TrackDataset(store, manifest, positions(manifest, ids)) if ids else None
 
-    holdout = manifest["track_id"][manifest["split"] == "holdout"].astype(str).tolist()
-    return ds(forget.forget_ids), ds(forget.retain_ids), ds(holdout)
+    return ds(forget.forget_ids), ds(forget.retain_ids), ds(run.holdout_ids(manifest))
 
 
 def method_context(
