@@ -26,8 +26,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import Subset
 
 from bench_docs import table
-from linernotes.attribution.gradient_methods import _matvec
-from linernotes.attribution.gradients import Projector
+from linernotes.attribution.gradients import Projector, matvec
 from linernotes.attribution.linear import LinearUnlearningAttributor
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
@@ -107,7 +106,7 @@ def agreement(args, run, manifest, dims: list[int], nnz: list[int]) -> tuple[pd.
                 y = p(torch.cat([phi0, psi0])).numpy()
                 proj_s += (time.perf_counter() - t0) / args.seeds
                 for j, ((_, step), ref) in enumerate(zip(steps, reference)):
-                    sc = step * _matvec(y[:n], y[n + j].astype(np.float64))
+                    sc = step * matvec(y[:n], y[n + j].astype(np.float64))
                     sc = sc if before is None else sc / before
                     sp.append(spearmanr(sc, ref)[0])
                     top.append(top_overlap(sc, ref))

@@ -36,7 +36,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, Subset
 
 from linernotes import distributed
-from linernotes.attribution.gradient_methods import _matvec
+from linernotes.attribution.gradients import matvec
 from linernotes.attribution.linear import LinearUnlearningAttributor
 from linernotes.attribution.losses import ScoreSettings, score_of, sharded_losses, track_losses
 from linernotes.attribution.query import Query
@@ -553,7 +553,7 @@ def measure(args, sizes: list[int], work: Path) -> str:
     h100_same = total_flop / (H100_TF32 * frac)
     matvec_k = max([k for k in args.dims if k > 0] or [256])
     phi = np.random.default_rng(0).standard_normal((20_000, matvec_k), dtype=np.float32)
-    mv_s = _timed(lambda: _matvec(phi, np.ones(matvec_k))) * PAPER_TRACKS / 20_000
+    mv_s = _timed(lambda: matvec(phi, np.ones(matvec_k))) * PAPER_TRACKS / 20_000
     lin_row = lin_table[lin_table["projection k"] == str(matvec_k)]
     proj_s = (float(lin_row["of which projection + dot products s"].iloc[0]) if len(lin_row)
               else float("nan"))
