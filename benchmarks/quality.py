@@ -34,13 +34,13 @@ from linernotes.attribution.similarity import (
     BasicPitchSimilarity,
     ChromaMfccSimilarity,
     basic_pitch_embedding,
-    chroma_mfcc,
     similarity_method,
     track_audio,
 )
 from linernotes.clips import generate, load_clip
 from linernotes.data.audio import load_audio
 from linernotes.data.dataset import split_rows
+from linernotes.data.descriptors import chroma_mfcc
 from linernotes.data.manifest import audio_path, read_manifest
 from linernotes.evaluation.quality import (
     artist_centroids,
@@ -72,7 +72,7 @@ def _bp_of_frames(run, latents: np.ndarray, masks: np.ndarray, n_iter: int) -> n
     rate = run.family.sample_rate
     out = []
     for x, m in zip(latents, masks):
-        audio = run.family.decode(x, m, iters=n_iter)
+        audio = run.family.decode(x, m, GenerateSettings(griffin_lim_iters=n_iter))
         peak = float(np.abs(audio).max()) if len(audio) else 0.0
         out.append(basic_pitch_embedding(audio * (0.99 / peak) if peak > 0.99 else audio, rate))
     return np.stack(out)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     hold_lat = np.stack([store.features(int(r)) for r in rows_hold])
     hold_mask = np.asarray(store.mask[rows_hold], dtype=bool)
     t0 = time.perf_counter()
-    voc_real = [run.family.decode(x, m, iters=n_iter) for x, m in zip(hold_lat, hold_mask)]
+    voc_real = [run.family.decode(x, m, gen) for x, m in zip(hold_lat, hold_mask)]
     gl_seconds = (time.perf_counter() - t0) / len(rows_hold)
     rate = run.family.sample_rate
     bp_hold_voc = np.stack([basic_pitch_embedding(a, rate) for a in voc_real])

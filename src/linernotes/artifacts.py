@@ -60,3 +60,25 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def fingerprint_file(path: str | Path, blocks: int = 16, block: int = 1 << 16) -> str:
+    """A short fingerprint of a (possibly multi-GB) file: sha256 of its size and of `blocks`
+    evenly spaced blocks of `block` bytes (the whole file when it is smaller than those)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= blocks * block:
+        return hash_file(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(blocks):
+            f.seek((size - block) * k // (blocks - 1))
+            h.update(f.read(block))
+    return h.hexdigest()[:16]
+
+
+def fingerprint_tree(root: str | Path) -> str:
+    """Fingerprint of a folder: every file's relative path and `fingerprint_file`."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return hash_json([[str(p.relative_to(root)), fingerprint_file(p)] for p in files])

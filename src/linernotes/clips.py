@@ -98,7 +98,7 @@ def _write_clip(out: Path, run, latent: torch.Tensor, n_real: int, prompt: str, 
         with open(tmp, "wb") as f:
             np.save(f, lat)
     mask = np.arange(lat.shape[0]) < n_real
-    audio = family.decode(lat, mask, iters=s.griffin_lim_iters)
+    audio = family.decode(lat, mask, s)
     n_samples = int(round(seconds * family.sample_rate))
     audio = np.pad(audio[:n_samples], (0, max(0, n_samples - len(audio))))
     peak = float(np.abs(audio).max()) if len(audio) else 0.0

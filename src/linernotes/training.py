@@ -39,22 +39,22 @@ class TrainSettings(Settings):
 
     steps: int = setting(1200, "Training steps.")
     batch_size: int = setting(32, "Batch size.")
-    lr: float = 1e-3
-    warmup: int = 50
+    lr: float = setting(1e-3, "Peak learning rate.")
+    warmup: int = setting(50, "Warm-up steps.")
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) or "constant"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    ema_decay: float = 0.995  # 0 disables EMA (the raw weights are the result)
+    ema_decay: float = setting(0.995, "EMA decay of the weights kept (0: the raw weights).")
     seed: int = setting(0, "Seed (data order, draws and initial weights).")
     cond_dropout: float = 0.1  # classifier-free guidance training
     mask_padding: bool = setting(False, "Train on real frames only (default: all frames).")
     n_draws: int = 1  # (t, noise) draws per sample per step
     checkpoint_every: int = 200
     split: str = "train"
-    param_group: str = "all"  # which parameters train (a Task group)
+    param_group: str = setting("all", "Parameters trained (a parameter group).")
     exclude: tuple[str, ...] = ()  # track ids left out (retraining without them)
     duplicate: tuple[tuple[str, int], ...] = ()  # (track id, m): the track appears m times
     keep_checkpoint: bool = False  # keep checkpoint.pt after a finished run

@@ -27,7 +27,8 @@ from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
 from linernotes.attribution.query import Query
 from linernotes.clips import KIND as CLIP_KIND
 from linernotes.config import Settings, require
-from linernotes.data.audio import AUDIO_SUFFIXES, load_audio
+from linernotes.data.audio import AUDIO_SUFFIXES, load_audio, mono
+from linernotes.data.descriptors import chroma_mfcc
 from linernotes.data.manifest import audio_path
 from linernotes.errors import LinernotesError
 from linernotes.task import draw_noise
@@ -56,7 +57,7 @@ def query_audio(query: Query, run, manifest: pd.DataFrame, sample_rate: int) -> 
                 src = side.parent / meta["audio"]
         if src.suffix.lower() in AUDIO_SUFFIXES and src.exists():
             return load_audio(src, sample_rate)
-    audio = run.family.decode(query.features.numpy(), query.mask.numpy())
+    audio = mono(run.family.decode(query.features.numpy(), query.mask.numpy()))
     if sample_rate != run.family.sample_rate:
         import librosa
 
@@ -221,28 +222,8 @@ def basic_pitch_frames(run, features: torch.Tensor, mask: torch.Tensor) -> np.nd
     feats = np.asarray(features.detach().cpu().numpy())
     masks = np.asarray(mask.cpu().numpy(), dtype=bool)
     rate = run.family.sample_rate
-    return np.stack([basic_pitch_embedding(run.family.decode(x, m), rate)
+    return np.stack([basic_pitch_embedding(mono(run.family.decode(x, m)), rate)
                      for x, m in zip(feats, masks)])
-
-
-# ---------------------------------------------------------------------------- chroma + MFCC
-
-CHROMA_MFCC_DIM = 2 * (12 + 20)
-
-
-def chroma_mfcc(audio: np.ndarray, sample_rate: int, n_fft: int = 2048,
-                hop_length: int = 512) -> np.ndarray:
-    """Means and stds over time of librosa chroma (12) and MFCC (20): (CHROMA_MFCC_DIM,)."""
-    import librosa
-
-    y = np.asarray(audio, np.float32)
-    if len(y) < n_fft:
-        y = np.pad(y, (0, n_fft - len(y)))
-    chroma = librosa.feature.chroma_stft(y=y, sr=sample_rate, n_fft=n_fft, hop_length=hop_length)
-    mfcc = librosa.feature.mfcc(y=y, sr=sample_rate, n_mfcc=20, n_fft=n_fft,
-                                hop_length=hop_length)
-    parts = [chroma.mean(1), chroma.std(1), mfcc.mean(1), mfcc.std(1)]
-    return np.concatenate(parts).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- the methods

@@ -72,13 +72,16 @@ class Options:
     `param` as one settings object.
 
     `fields`: which fields (None: all but tuple-typed ones); `flags`: option names for fields
-    whose option is not named after them.
+    whose option is not named after them. With `overrides`, the options default to "not given"
+    and the command receives a dict of the values given (for settings whose class is known only
+    at run time, e.g. the run's family's generate settings).
     """
 
     param: str
     cls: type[Settings]
     fields: tuple[str, ...] | None = None
     flags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    overrides: bool = False
 
     def chosen(self) -> list[dataclasses.Field]:
         hints = typing.get_type_hints(self.cls)
@@ -115,18 +118,24 @@ def with_settings(*groups: Options) -> Callable:
                 if pname in routes or pname in sig.parameters:
                     raise ValueError(f"{fn.__name__}: option --{flag} is declared twice.")
                 decl = f"--{flag}/--no-{flag}" if hints[f.name] is bool else f"--{flag}"
-                option = typer.Option(getattr(defaults, f.name), decl,
-                                      help=f.metadata.get("help", ""))
+                hint, default, help_ = hints[f.name], getattr(defaults, f.name), \
+                    f.metadata.get("help", "")
+                if g.overrides:
+                    hint, default = hint | None, None
+                    if "default" not in help_:
+                        help_ = f"{help_} (default: the model's)".strip()
+                option = typer.Option(default, decl, help=help_)
                 params.append(inspect.Parameter(pname, inspect.Parameter.KEYWORD_ONLY,
-                                                default=option, annotation=hints[f.name]))
-                annotations[pname] = hints[f.name]
+                                                default=option, annotation=hint))
+                annotations[pname] = hint
                 routes[pname] = (g, f.name)
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
             for g in groups:
                 given = {name: kwargs.pop(p) for p, (grp, name) in routes.items() if grp is g}
-                kwargs[g.param] = build_settings(g, given)
+                kwargs[g.param] = ({k: v for k, v in given.items() if v is not None}
+                                   if g.overrides else build_settings(g, given))
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params)

@@ -16,13 +16,15 @@ from linernotes.cli.common import (
     read_ids,
     with_settings,
 )
-from linernotes.config import Settings
+from linernotes.config import Settings, parse_assignments
 from linernotes.errors import LinernotesError
 from linernotes.models.family import DEFAULT_FAMILY, family_class
 from linernotes.training import TrainSettings
 
 #: The family `train` makes and whose generate settings `generate` offers.
 FAMILY = family_class(DEFAULT_FAMILY)
+#: The family whose options `init` offers (the one that takes a model folder today).
+INIT_FAMILY = family_class("stable-audio")
 
 
 def parse_size(size: str) -> int | str:
@@ -82,17 +84,42 @@ def corpus_import(
 
 @app.command()
 @on_device
-@with_settings(Options("settings", TrainSettings, ("steps", "batch_size", "seed", "mask_padding")),
+@with_settings(Options("given", INIT_FAMILY.recipe_settings, overrides=True))
+def init(
+    model: Path = typer.Option(..., "--model", help="Your model's folder (a diffusers "
+                               "StableAudioPipeline folder, with model_index.json)."),
+    corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
+    out: Path = typer.Option(Path("run"), "--out", "-o", help="Run folder."),
+    given: dict = None,
+) -> None:
+    """Make a run of your own model over a corpus (encodes every track once; resumes)."""
+    from linernotes.models.family import recognise
+
+    cls = recognise(model)
+    run = cls.init_run(model, read_corpus(corpus), out, cls.recipe_settings.from_dict(given))
+    g = run.config["features"]
+    typer.echo(f"Run {run.hash} ({cls.name}) at {run.path}: {g['n_frames']} latent frames "
+               f"({g['seconds']:.2f} s) per track. Fine-tune it on the corpus with `linernotes "
+               f"train --base {run.path} -o RUN2`, or attribute against it as it is.")
+
+
+@app.command()
+@on_device
+@with_settings(Options("settings", TrainSettings, ("steps", "batch_size", "lr", "warmup", "seed",
+                                                   "param_group", "ema_decay", "mask_padding")),
                Options("recipe", FAMILY.recipe_settings))
 def train(
     corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
     out: Path = typer.Option(Path("run"), "--out", "-o", help="Run folder."),
+    base: Path = typer.Option(None, help="A run to fine-tune on the corpus (e.g. one made by "
+                              "`linernotes init`) instead of training a reference model."),
     exclude: Path = typer.Option(None, help="File of track ids to leave out (one per line)."),
     duplicate: list[str] = typer.Option(None, help="TRACK_ID:M repeats a track M times."),
     settings: TrainSettings = None,
     recipe: Settings = None,
 ) -> None:
-    """Train a model (the reference family: CLAP stage, then the DiT); resumes after a kill."""
+    """Train a reference model (CLAP stage, then the DiT), or fine-tune a run with --base;
+    resumes after a kill."""
     dups = []
     for d in duplicate or []:
         tid, _, m = d.rpartition(":")
@@ -101,33 +128,48 @@ def train(
         dups.append((tid, int(m)))
     settings = settings.replace(exclude=read_ids(exclude) if exclude else (),
                                 duplicate=tuple(dups))
-    run = FAMILY.create(read_corpus(corpus), out, settings, recipe)
+    if base is not None:
+        from linernotes.run import load_run
+
+        if recipe != FAMILY.recipe_settings():
+            raise LinernotesError("--seconds, --clap-steps, --clap-seed and --clap make a new "
+                                  "reference model; a fine-tune (--base) keeps its run's.")
+        manifest = read_corpus(corpus)
+        run = load_run(base, manifest=manifest).family.finetune(manifest, out, settings)
+    else:
+        run = FAMILY.create(read_corpus(corpus), out, settings, recipe)
     typer.echo(f"Run {run.hash} at {run.path} (final loss {run.config.get('final_loss'):.4f}).")
 
 
 @app.command()
 @on_device
-@with_settings(Options("settings", FAMILY.generate_settings,
-                       ("steps", "guidance", "sampler", "seconds")))
+@with_settings(Options("given", FAMILY.generate_settings, ("steps", "guidance", "seconds"),
+                       overrides=True))
 def generate(
     prompts: list[str] = typer.Argument(None, help="Prompts (or --prompts-file)."),
     run: Path = typer.Option(Path("run"), help="Run folder."),
     out: Path = typer.Option(Path("clips"), "--out", "-o", help="Folder for clips (or a .wav)."),
     prompts_file: Path = typer.Option(None, help="A file of prompts, one per line."),
     seed: int = typer.Option(0, help="Seed of the first clip (then seed + i)."),
-    settings: Settings = None,
+    sets: list[str] = typer.Option(None, "--set", help="KEY=VALUE: any other setting of the "
+                                   "model's sampler (e.g. sampler=ddim for the reference family)."),
+    given: dict = None,
 ) -> None:
     """Generate clips; each gets a JSON sidecar and its latent, for exact attribution later."""
     from linernotes.clips import generate as gen
     from linernotes.clips import move_clip
+    from linernotes.run import load_run
 
     texts = list(prompts or [])
     if prompts_file:
         if not prompts_file.exists():
             raise LinernotesError(f"{prompts_file} does not exist.")
         texts += [x.strip() for x in prompts_file.read_text().splitlines() if x.strip()]
+    r = load_run(run)
+    cls = r.family.generate_settings
+    settings = cls.from_dict({**given, **cls.overrides(parse_assignments(sets))})
     target = out.parent if out.suffix == ".wav" else out
-    paths = gen(run, texts, target, seed, settings)
+    paths = gen(r, texts, target, seed, settings)
     if out.suffix == ".wav":
         if len(paths) != 1:
             raise LinernotesError("-o NAME.wav takes one prompt; give a folder for several.")

@@ -12,6 +12,7 @@ Ties are broken by group name, identically for every method.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -132,7 +133,7 @@ def evaluate_credit(
     seconds: dict[str, float] = {"logo": logo_seconds + grec["seconds_queries"]}
     for label, (name, settings) in specs.items():
         if progress:
-            print(f"evaluate credit: {label}", flush=True)
+            print(f"evaluate credit: {label}", file=sys.stderr, flush=True)
         got = credit(run, manifest, queries, name, by=by, settings=settings, score=s,
                      progress=progress)
         rec = got[0].attrs["record"]

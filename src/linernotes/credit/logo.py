@@ -9,6 +9,7 @@ fixed draws.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -44,7 +45,7 @@ def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = 
     for k, name in enumerate(names):
         if progress:
             print(f"LOGO {k + 1}/{len(names)}: the run without {by}={name} "
-                  f"({len(parts[name])} tracks)", flush=True)
+                  f"({len(parts[name])} tracks)", file=sys.stderr, flush=True)
         retrained = retrainer(parts[name])
         out[name] = (retrained, retrain_seconds(retrained))
     return out

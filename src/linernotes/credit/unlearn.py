@@ -13,6 +13,7 @@ import dataclasses
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -234,7 +235,8 @@ def group_models(
                 continue
             shutil.rmtree(folder)  # made for other tracks: stale
         if progress:
-            print(f"credit: unlearning {by}={name} ({len(ids)} tracks) with {method}", flush=True)
+            print(f"credit: unlearning {by}={name} ({len(ids)} tracks) with {method}",
+                  file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         if method == "newton":
             newton = newton or _Newton(run, manifest, s, progress)

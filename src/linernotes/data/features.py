@@ -6,9 +6,11 @@ feature encoder on every audio file of a manifest (in worker processes), writes 
 real-frame mask into memory maps chunk by chunk (a killed build resumes at the next chunk), fits
 the encoder's normalisation on the train split, and reads tracks back normalised.
 
-A feature encoder is a picklable object with `shape` (one track's stored values, frames first),
+A feature encoder is an object with `shape` (one track's stored values, frames first),
 `cache_key()`, `encode_file(path) -> (values, n_real_frames)`, `fit_stats(values, mask, rows)`
-(an object with `normalise`, `denormalise` and `to_dict`) and `load_stats(dict)`.
+(an object with `normalise`, `denormalise` and `to_dict`) and `load_stats(dict)`. It is pickled
+to worker processes, unless it encodes whole chunks itself (`encode_files(paths)`: a model that
+batches on its own device, such as a VAE).
 """
 
 from __future__ import annotations
@@ -102,14 +104,19 @@ def _build(root: Path, manifest: pd.DataFrame, encoder, workers, progress, chunk
     mask = np.load(mask_path, mmap_mode="r+")
     todo = np.flatnonzero(~done)
     workers = workers or os.cpu_count() or 1
-    pool = get_context("spawn").Pool(workers) if workers > 1 and len(todo) > chunk else None
+    batched = getattr(encoder, "encode_files", None)
+    pool = (get_context("spawn").Pool(workers)
+            if batched is None and workers > 1 and len(todo) > chunk else None)
     n_frames = shape[1]
     try:
         bar = tqdm(total=n, initial=n - len(todo), desc="features", disable=not progress)
         for start in range(0, len(todo), chunk):
             idx = todo[start : start + chunk]
-            jobs = [(paths[i], encoder) for i in idx]
-            results = pool.map(_encode, jobs) if pool else [_encode(j) for j in jobs]
+            if batched is not None:
+                results = batched([paths[i] for i in idx])
+            else:
+                jobs = [(paths[i], encoder) for i in idx]
+                results = pool.map(_encode, jobs) if pool else [_encode(j) for j in jobs]
             for i, (frames, n_real) in zip(idx, results):
                 values[i] = frames
                 mask[i] = np.arange(n_frames) < n_real

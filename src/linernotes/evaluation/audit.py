@@ -42,12 +42,12 @@ METRICS = {
     "forget_loss": "Forget loss",
     "forget_gap": "Forget loss gap to retrained",
     "mia_auc": "MIA AUC (forget vs holdout)",
-    "artist_similarity": "CLAP similarity to the forget set",
+    "artist_similarity": "Audio similarity to the forget set",
     "artist_rate": "Artist assignment rate",
     "retain_loss": "Retain loss",
     "holdout_loss": "Holdout loss (other artists)",
-    "fd_other": "Fréchet distance, CLAP (other artists)",
-    "text_audio": "Text-audio agreement (CLAP)",
+    "fd_other": "Fréchet distance, audio embeddings (other artists)",
+    "text_audio": "Text-audio agreement",
     "other_artist_rate": "Other prompts assigned to their artist",
     "seconds": "Seconds",
     "cost_fraction": "Fraction of retraining time",
@@ -70,7 +70,8 @@ class AuditSettings(Settings):
     guidance: float = setting(3.0, "Classifier-free guidance of the generations.")
     batch_size: int = setting(16, "Clips sampled together.")
     pairs: int = setting(2, "Before/after WAV pairs per method for the report (0 = none).")
-    griffin_lim_iters: int = setting(16, "Vocoder iterations of those WAV pairs.")
+    griffin_lim_iters: int = setting(16, "Vocoder iterations of those WAV pairs (reference "
+                                     "family).")
     forget_tol: float = setting(0.03, "Verdict: forget loss within this of retrained.")
     auc_tol: float = setting(0.10, "Verdict: MIA AUC within this of retrained.")
     utility_tol: float = setting(0.05, "Verdict: retain/holdout loss rise at most.")
@@ -152,9 +153,13 @@ def dataset_embeddings(run: Run, dataset: TrackDataset, batch_size: int = 64) ->
     return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
 
-def generation_settings(run: Run, s: AuditSettings):
-    """The family's generate settings for the audit's clips (its steps and guidance)."""
-    return run.family.generate_settings(steps=s.generate_steps, guidance=s.guidance)
+def generation_settings(run: Run, s: AuditSettings, **extra):
+    """The family's generate settings for the audit's clips: its steps and guidance (and the
+    `extra` settings its sampler has, e.g. the reference vocoder's iterations)."""
+    cls = run.family.generate_settings
+    values = {"steps": s.generate_steps, "guidance": s.guidance, **extra}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @torch.no_grad()
@@ -188,7 +193,7 @@ class _AuditData:
     forget_artists: list[str]
     real_other: np.ndarray  # CLAP audio embeddings of other artists' real tracks (a sample)
     real_extra: dict[str, np.ndarray]  # EMBEDDERS' embeddings of a smaller real sample
-    other_text: np.ndarray  # text embeddings of other prompts
+    other_text: np.ndarray | None  # text embeddings of other prompts (None: no text embedder)
     notes: list[str]
     key: str
 
@@ -267,7 +272,11 @@ def _prepare(original: Run, manifest: pd.DataFrame, forget: ForgetSet, s: AuditS
     real_rows = np.flatnonzero(np.isin(artists, others) & pool_mask)
     if len(real_rows) > 512:
         real_rows = rng.choice(real_rows, 512, replace=False)
-    other_text = original.family.embed_text(other_prompts).numpy()
+    try:
+        other_text = original.family.embed_text(other_prompts).numpy()
+    except LinernotesError as exc:
+        other_text = None
+        notes.append(f"No text-audio agreement: {exc}")
     measured = {k: v for k, v in s.to_dict().items() if k not in _PRESENTATION}
     key = hash_json({"forget": sorted(forget.forget_ids), "settings": measured,
                      "prompts": prompts, "other": other_prompts, "embedders": sorted(EMBEDDERS),
@@ -320,7 +329,8 @@ def model_metrics(run: Run, data: _AuditData, s: AuditSettings, cache: Path) -> 
         "artist_similarity": float((emb @ data.forget_centroid).mean()),
         "artist_rate": float(np.isin(nearest, data.forget_artists).mean()),
         "fd_other": frechet_distance(emb_o, data.real_other),
-        "text_audio": float((emb_o * data.other_text).sum(1).mean()),
+        "text_audio": (float((emb_o * data.other_text).sum(1).mean())
+                       if data.other_text is not None else math.nan),
         "other_artist_rate": float((nearest_o == np.asarray(data.other_artists)).mean()),
     }
     full_o = torch.ones(lat_o.shape[:2], dtype=torch.bool)
@@ -552,7 +562,7 @@ def audit_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     c.axhline(table.iloc[1]["artist_similarity"], color="tab:green", lw=1, ls="--",
               label="retrained")
     c.set_xticks(range(len(table)), table["model"], rotation=35, ha="right", fontsize=8)
-    c.set_ylabel("CLAP similarity to the forget set")
+    c.set_ylabel("audio similarity to the forget set")
     c.set_title("Generations for the artist's prompts")
     c.legend(fontsize=8)
     fig.suptitle(f"Opt-out audit: {title}")
@@ -570,7 +580,7 @@ def _clips(run: Run, prompts: list[str], seeds: list[int], folder: Path, s: Audi
         done = read_json(marker)
         if done.get("run") == run.hash and done.get("prompts") == prompts:
             return [Path(p) for p in done["paths"]]
-    g = generation_settings(run, s).replace(griffin_lim_iters=s.griffin_lim_iters)
+    g = generation_settings(run, s, griffin_lim_iters=s.griffin_lim_iters)
     paths = generate(run, prompts, folder, seeds=seeds, settings=g, progress=False)
     write_json(marker, {"run": run.hash, "prompts": prompts, "paths": [str(p) for p in paths]})
     return paths

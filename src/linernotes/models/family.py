@@ -29,7 +29,7 @@ from linernotes.registry import Registry
 from linernotes.task import Task
 
 #: Modules holding the built-in families (imported when a family is looked up by name).
-FAMILY_MODULES = ("linernotes.models.reference",)
+FAMILY_MODULES = ("linernotes.models.reference", "linernotes.models.stable_audio.family")
 #: The family of runs whose config names none (runs made before families existed).
 DEFAULT_FAMILY = "reference"
 
@@ -61,7 +61,25 @@ class Family(abc.ABC):
     def create(cls, manifest: pd.DataFrame, run_dir: str | Path, settings,
                recipe: Settings | None = None, progress: bool = True):
         """Train a new run of this family from `manifest` into `run_dir` (a `Run`)."""
-        raise LinernotesError(f"The {cls.name} family is not trained from scratch here.")
+        raise LinernotesError(f"The {cls.name} family is not trained from scratch here; make a "
+                              "run of your model with `linernotes init`.")
+
+    @classmethod
+    def recognises(cls, path: Path) -> bool:
+        """Whether `path` is a model folder of this family (`linernotes init` takes it)."""
+        return False
+
+    @classmethod
+    def init_run(cls, model_dir: Path, manifest: pd.DataFrame, run_dir: Path,
+                 recipe: Settings | None = None, progress: bool = True):
+        """A run of the model in `model_dir` over `manifest`'s tracks, in `run_dir` (a `Run`)."""
+        raise LinernotesError(f"The {cls.name} family does not take a model folder.")
+
+    def finetune(self, manifest: pd.DataFrame, out: str | Path, settings,
+                 progress: bool = True):
+        """This run's model fine-tuned on `manifest` with `settings` (a `TrainSettings`), as a
+        new run in `out` (a `Run`)."""
+        raise LinernotesError(f"The {self.name} family is not fine-tuned here.")
 
     @classmethod
     @abc.abstractmethod
@@ -102,9 +120,10 @@ class Family(abc.ABC):
         """An audio file as the model sees it: normalised features and the real-frame mask."""
 
     @abc.abstractmethod
-    def decode(self, features: np.ndarray, mask: np.ndarray, iters: int = 32,
-               seed: int = 0) -> np.ndarray:
-        """Audio (at `sample_rate`) of features, cut to the real frames of `mask`."""
+    def decode(self, features: np.ndarray, mask: np.ndarray, settings: Settings | None = None
+               ) -> np.ndarray:
+        """Audio (at `sample_rate`, (n,) mono or (n, channels)) of features, cut to the real
+        frames of `mask`; `settings` are the family's generate settings (default: theirs)."""
 
     @abc.abstractmethod
     def real_frames(self, seconds: float) -> int:
@@ -154,3 +173,40 @@ def families() -> dict[str, type[Family]]:
 def family_class(name: str) -> type[Family]:
     """The family registered as `name`, or a clear error naming the known ones."""
     return FAMILIES.get(name)
+
+
+def recognise(path: str | Path) -> type[Family]:
+    """The family whose model folder `path` is, or a clear error saying what it found."""
+    path = Path(path)
+    for cls in families().values():
+        if cls.recognises(path):
+            return cls
+    raise LinernotesError(f"{path} is {describe_folder(path)}. `linernotes init` takes a model "
+                          "folder of a family it knows: a diffusers StableAudioPipeline folder "
+                          "(with model_index.json).")
+
+
+def describe_folder(path: Path) -> str:
+    """What a folder looks like, for messages."""
+    import json
+
+    if not path.exists():
+        return "not there"
+    if not path.is_dir():
+        return "a file, not a folder"
+    config, index = path / "config.json", path / "model_index.json"
+    try:
+        if config.is_file():
+            data = json.loads(config.read_text())
+            if data.get("kind") == "linernotes-run":
+                return (f"a linernotes run of family {data.get('family', DEFAULT_FAMILY)!r}: "
+                        "use it as it is (--run), no init needed")
+            if data.get("architectures"):
+                return (f"a transformers model folder ({', '.join(data['architectures'])}), "
+                        "which linernotes does not support yet")
+        if index.is_file():
+            return (f"a diffusers {json.loads(index.read_text()).get('_class_name')} folder, "
+                    "which linernotes does not support")
+    except json.JSONDecodeError:
+        return "a folder with a broken config.json or model_index.json"
+    return "a folder without model_index.json or config.json (not a model folder)"

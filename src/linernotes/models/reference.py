@@ -356,13 +356,14 @@ class ReferenceFamily(Family):
         mask = np.arange(f.n_frames) < n_real
         return torch.from_numpy(self.stats.normalise(db)), torch.from_numpy(mask)
 
-    def decode(self, features: np.ndarray, mask: np.ndarray, iters: int = 32,
-               seed: int = 0) -> np.ndarray:
-        """The vocoder's audio of normalised frames (T, M), cut to the real frames."""
-        f = self.features
+    def decode(self, features: np.ndarray, mask: np.ndarray,
+               settings: GenerateSettings | None = None) -> np.ndarray:
+        """The vocoder's (seeded Griffin-Lim) mono audio of normalised frames (T, M), cut to the
+        real frames."""
+        f, s = self.features, settings or GenerateSettings()
         n = max(1, int(np.asarray(mask).sum()))
         frames = np.asarray(features)[: min(n + 1, f.n_frames)]  # one frame closes the last
-        audio = db_to_audio(self.stats.denormalise(frames), f, n_iter=iters, seed=seed)
+        audio = db_to_audio(self.stats.denormalise(frames), f, n_iter=s.griffin_lim_iters)
         return audio[: n * f.hop_length]
 
     def real_frames(self, seconds: float) -> int:
