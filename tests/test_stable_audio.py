@@ -162,3 +162,20 @@ def test_optout_audit_and_credit_from_the_command_line(sa):
                  "--set", "steps=2", "--json")
     groups = json.loads(credit)[0]["groups"]
     assert sorted(g["group"] for g in groups) == ["Alpha", "Beta", "Gamma"]
+
+
+def test_large_model_options_fine_tune_in_bfloat16_with_checkpointing(sa, tmp_path):
+    run, manifest = sa["run"], sa["manifest"]
+    s = TrainSettings(steps=3, batch_size=4, warmup=1, checkpoint_every=1000,
+                      precision="bfloat16", gradient_checkpointing=True)
+    tuned = run.family.finetune(manifest, tmp_path / "bf16", s, progress=False)
+    assert np.isfinite(tuned.config["final_loss"])
+    assert not tuned.model.is_gradient_checkpointing  # switched off again after training
+    before = dict(run.model.named_parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in tuned.model.named_parameters())
+    ref, ref_manifest = make_tiny_run(tmp_path / "ref", n_per_artist=3, steps=1)
+    with pytest.raises(LinernotesError, match="does not support gradient checkpointing"):
+        from linernotes.models.reference import train
+
+        train(ref_manifest, tmp_path / "ref-gc", s.replace(precision="float32"),
+              features=ref.family.features, clap=ref.path / "clap", progress=False)

@@ -40,6 +40,10 @@ class FisherSettings(Settings):
         require(self.samples >= 0 and self.draws >= 1, "samples >= 0 and draws >= 1 required.")
 
 
+#: Parameters above which the Fisher is summed in float32 rather than float64.
+LARGE_GROUP = 50_000_000
+
+
 def covering_group(group: str) -> str:
     """The Fisher group that covers parameter group `group` (one file then serves several)."""
     return "all" if group == "all" else "transformer"
@@ -131,7 +135,11 @@ def compute_fisher(
     order = order[distributed.rank() :: distributed.world_size()]  # this rank's share
     sub = torch.utils.data.Subset(dataset, order)
     loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
-    acc = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    # float64 sums (8 bytes per parameter) unless the group is large: a 1B-parameter DiT's
+    # would need 8 GB beside its weights and gradients, so large groups sum in float32
+    large = sum(p.numel() for p in params.values()) > LARGE_GROUP
+    acc = {name: torch.zeros_like(p, dtype=torch.float32 if large else torch.float64)
+           for name, p in params.items()}
     count = 0
     bar = tqdm(total=len(order) * settings.draws, desc="fisher",
                disable=not progress or distributed.rank() != 0)
@@ -152,7 +160,7 @@ def compute_fisher(
                         )
                     grads = torch.autograd.grad(loss.sum(), list(params.values()))
                     for (name, _), gr in zip(params.items(), grads):
-                        acc[name] += gr.double() ** 2
+                        acc[name] += gr.to(acc[name].dtype) ** 2
                     count += 1
                     bar.update(1)
     for a in acc.values():

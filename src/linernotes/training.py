@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from linernotes import device
 from linernotes.artifacts import atomic_path, hash_json
 from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate, split_rows
@@ -58,6 +59,10 @@ class TrainSettings(Settings):
     exclude: tuple[str, ...] = ()  # track ids left out (retraining without them)
     duplicate: tuple[tuple[str, int], ...] = ()  # (track id, m): the track appears m times
     keep_checkpoint: bool = False  # keep checkpoint.pt after a finished run
+    precision: str = setting("float32", "Forward passes in float32 or bfloat16 (autocast; large "
+                             "models on GPUs).")
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass "
+                                           "(less memory, slower; models that support it).")
 
     def __post_init__(self) -> None:
         dup = self.duplicate.items() if isinstance(self.duplicate, dict) else self.duplicate
@@ -75,6 +80,7 @@ class TrainSettings(Settings):
         require(self.n_draws >= 1, "n_draws must be >= 1.")
         require(self.checkpoint_every > 0, "checkpoint_every must be > 0.")
         require(all(m >= 1 for _, m in self.duplicate), "duplicate counts must be >= 1.")
+        require(self.precision in ("float32", "bfloat16"), "precision: float32 or bfloat16.")
 
     def lr_at(self, step: int) -> float:
         """Learning rate at `step`: linear warmup, then constant or cosine decay."""
@@ -250,12 +256,20 @@ def fit(
     bar = tqdm(
         total=settings.steps, initial=start, desc=desc, disable=not progress, dynamic_ncols=True
     )
+    if settings.gradient_checkpointing:
+        if not hasattr(model, "enable_gradient_checkpointing"):
+            raise LinernotesError(f"{type(model).__name__} does not support gradient "
+                                  "checkpointing; train without it.")
+        model.enable_gradient_checkpointing()
+    half = torch.autocast(device.of(model).type, dtype=torch.bfloat16,
+                          enabled=settings.precision == "bfloat16")
     with bar, trainable(model, train_params, train=True):
         for step in range(start, start if stopped else settings.steps):
             lr = settings.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = loss_fn(model, task, batches(step), step)
+            with half:
+                loss = loss_fn(model, task, batches(step), step)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise LinernotesError(
@@ -300,6 +314,8 @@ def fit(
             if stopped:
                 break
     model.eval()
+    if settings.gradient_checkpointing:
+        model.disable_gradient_checkpointing()
     return FitResult(steps=start + len(losses), ema=ema, losses=losses, stopped=stopped)
 
 

@@ -512,9 +512,11 @@ class GradientFeatures:
             self.scale = torch.cat(parts)
             self.scale_key = tensor_hash(parts)
         self.engine = GradientEngine(task, model, self.params, settings.backend)
-        # tracks whose raw gradients are buffered before one projection pass
-        self.block = max(settings.batch_size, min(settings.shard_size,
-                                                  (budget // 2) // max(4 * self.n_params, 1)))
+        # tracks whose (P,) gradients fit half the budget at once: the micro-batch (at most
+        # `batch_size`) and the buffer before a projection pass (at least one micro-batch)
+        fit = max(1, (budget // 2) // max(4 * self.n_params, 1))
+        self.micro = min(settings.batch_size, fit)
+        self.block = max(self.micro, min(settings.shard_size, fit))
         self.computed_shards = 0
         self.seconds = 0.0
         self._features: np.ndarray | None = None
@@ -539,7 +541,7 @@ class GradientFeatures:
         """Features of training tracks [lo, hi) (not stored)."""
         s = self.settings
         ts = fixed_timesteps(s.timesteps, s.stride)
-        loader = DataLoader(Subset(self.train, range(lo, hi)), batch_size=s.batch_size,
+        loader = DataLoader(Subset(self.train, range(lo, hi)), batch_size=self.micro,
                             collate_fn=collate)
         out, buf = [], []
         for batch in loader:

@@ -13,7 +13,6 @@ and, in `config.json`, the denoiser's architecture, the feature settings and the
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 from collections.abc import Sequence
@@ -175,7 +174,7 @@ def train(
                 "or retrain."
             )
         if (
-            run.config["train"] != json.loads(json.dumps(settings.to_dict()))
+            TrainSettings.from_dict(run.config["train"]) != settings
             or run.config["model"]["config"] != model.to_dict()
         ):
             raise LinernotesError(

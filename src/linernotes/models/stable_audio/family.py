@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -111,6 +110,12 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 def _geometry(pipe, seconds: float) -> dict:
     vae = pipe.vae
+    latent = int(vae.config.encoder_hidden_size) // 2  # the encoder's (mean, scale) halves
+    if not latent == int(vae.config.decoder_input_channels) == pipe.transformer.config.in_channels:
+        raise LinernotesError(
+            f"Inconsistent StableAudioPipeline: its VAE encodes {latent} latent channels, decodes "
+            f"{vae.config.decoder_input_channels}, and its DiT takes "
+            f"{pipe.transformer.config.in_channels}; give a pipeline whose parts agree.")
     sr, hop = int(vae.config.sampling_rate), int(vae.hop_length)
     max_frames = int(pipe.transformer.config.sample_size)
     frames = min(max_frames, max(1, math.ceil(seconds * sr / hop)))
@@ -235,7 +240,7 @@ class StableAudioFamily(Family):
             raise LinernotesError("A fine-tune goes to a new folder, not over its base run.")
         if Layout(out).is_run:
             run = load_run(out, manifest=manifest)
-            if run.config["train"] != json.loads(json.dumps(settings.to_dict())):
+            if TrainSettings.from_dict(run.config["train"]) != settings:
                 raise LinernotesError(f"{out} already holds a run fine-tuned with other "
                                       "settings; choose another folder or delete it.")
             return run
