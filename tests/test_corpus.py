@@ -239,6 +239,28 @@ def test_import_folder_reports_every_problem(tmp_path):
     assert result.summary_table().iloc[-1]["tracks"] == 3
 
 
+def test_import_keeps_stereo_when_asked(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    left, right = _tone(10.0, 22050, freq=440.0), _tone(10.0, 22050, freq=660.0)
+    sf.write(audio / "stereo.wav", np.stack([left, right], axis=1), 22050)
+    sf.write(audio / "mono.wav", _tone(3.0, 22050), 22050)
+    captions = tmp_path / "captions.csv"
+    captions.write_text("path,caption\nstereo.wav,two tones\nmono.wav,one tone\n")
+    out = tmp_path / "out"
+    result = import_folder(audio, captions, out, 44100, 8.0, channels=2, progress=False)
+    assert result.counts["excerpts"] == 3 and not result.problems
+    for rel in result.manifest["path"]:
+        data, sr = sf.read(str(out / rel), dtype="float32")
+        assert sr == 44100 and data.ndim == 2 and data.shape[1] == 2
+        same = np.allclose(data[:, 0], data[:, 1], atol=1e-3)
+        assert same == rel.startswith("audio/mono")  # the two channels stay apart
+    durations = dict(zip(result.manifest["path"], result.manifest["duration"]))
+    assert sorted(durations.values()) == pytest.approx([2.0, 3.0, 8.0])
+    with pytest.raises(LinernotesError, match="channels=3"):
+        import_folder(audio, captions, out, channels=3, progress=False)
+
+
 def test_import_rejects_a_captions_file_without_the_columns(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
     bad = tmp_path / "captions.csv"

@@ -65,12 +65,14 @@ def corpus_import(
     out: Path = typer.Option(Path("corpus"), "--out", "-o", help="Folder for audio + manifest."),
     seconds: float = typer.Option(8.0, help="Excerpt length; longer files are split."),
     sample_rate: int = typer.Option(16000, help="Target sample rate."),
+    channels: int = typer.Option(1, help="1: downmix to mono; 2: keep stereo (Stable Audio)."),
     seed: int = typer.Option(0, help="Seed for the train/holdout split."),
 ) -> None:
     """Import your own audio folder and captions as a corpus."""
     from linernotes.corpus.importer import import_folder
 
-    result = import_folder(audio, captions, out, sample_rate, seconds, seed=seed)
+    result = import_folder(audio, captions, out, sample_rate, seconds, seed=seed,
+                           channels=channels)
     print_table(result.summary_table(), f"Corpus at {result.manifest_path}")
     typer.echo(", ".join(f"{k}: {v}" for k, v in result.counts.items()))
     if result.problems:
@@ -106,7 +108,8 @@ def init(
 @app.command()
 @on_device
 @with_settings(Options("settings", TrainSettings, ("steps", "batch_size", "lr", "warmup", "seed",
-                                                   "param_group", "ema_decay", "mask_padding")),
+                                                   "param_group", "ema_decay", "mask_padding",
+                                                   "precision", "gradient_checkpointing")),
                Options("recipe", FAMILY.recipe_settings))
 def train(
     corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),

@@ -1,6 +1,6 @@
 """Import a user's folder of audio plus a captions file (CSV or JSONL) as a corpus manifest.
 
-Every file is resampled, downmixed, cut into excerpts that share the file's `parent_id`, and
+Every file is resampled, downmixed (or kept stereo: `channels=2`), cut into excerpts that share the file's `parent_id`, and
 written as FLAC. Bad input is reported as (path, reason) and never stops the rest.
 """
 
@@ -68,6 +68,7 @@ def import_folder(
     sample_rate: int = 16000,
     seconds: float = 8.0,
     *,
+    channels: int = 1,
     min_seconds: float = 1.0,
     silence_db: float = -60.0,
     normalise: bool = True,
@@ -79,14 +80,16 @@ def import_folder(
 
     Tracks longer than `seconds` become several excerpts; a final piece shorter than
     `min_seconds` is dropped (and counted). Audio quieter than `silence_db` dBFS peak is silent.
+    `channels` is 1 (downmixed) or 2 (stereo kept; mono files duplicated), for models such as
+    Stable Audio that work in stereo.
     """
     audio_dir, out_dir = Path(audio_dir).resolve(), Path(out_dir).resolve()
     if not audio_dir.is_dir():
         raise LinernotesError(f"Audio folder {audio_dir} does not exist or is not a folder.")
-    if not seconds > 0 or min_seconds < 0 or sample_rate < 8000:
+    if not seconds > 0 or min_seconds < 0 or sample_rate < 8000 or channels not in (1, 2):
         raise LinernotesError(
             f"Bad import settings: seconds={seconds} must be > 0, min_seconds={min_seconds} "
-            f">= 0 and sample_rate={sample_rate} >= 8000."
+            f">= 0, sample_rate={sample_rate} >= 8000 and channels={channels} 1 or 2."
         )
     rows, problems = read_captions(captions_file, audio_dir)
     files, others = _audio_files(audio_dir, out_dir, Path(captions_file).resolve())
@@ -103,7 +106,7 @@ def import_folder(
             files[rel] = others[rel]
         else:
             problems.append((rel, "caption given but no such audio file"))
-    cut = _Cut(sample_rate, seconds, min_seconds, 10 ** (silence_db / 20), normalise)
+    cut = _Cut(sample_rate, seconds, min_seconds, 10 ** (silence_db / 20), normalise, channels)
     records = []
     todo = sorted(rel for rel in set(files) & set(rows) if rows[rel]["caption"])
     for rel in tqdm(todo, desc="Importing audio", unit="file", disable=not progress):
@@ -245,6 +248,7 @@ class _Cut:
     min_seconds: float
     silence: float  # peak amplitude below which audio counts as silent
     normalise: bool
+    channels: int = 1
 
 
 def _import_one(
@@ -255,7 +259,7 @@ def _import_one(
         return [], [(rel, "empty file (0 bytes)")]
     sample_rate = cut.sample_rate
     try:
-        audio = load_audio(path, sample_rate)
+        audio = load_audio(path, sample_rate, None if cut.channels == 1 else cut.channels).T
     except LinernotesError as exc:
         return [], [(rel, f"unreadable or corrupt audio: {str(exc).split(': ', 1)[-1]}")]
     if len(audio) == 0:
