@@ -9,7 +9,7 @@ published Stable Audio Open 1.0 configuration's cost.
 encoder; the DiT with SAO's layout but narrower), saved and taken through `init` (every corpus track
 encoded by the VAE), a fine-tune with three planted tracks (each 20x), generation from the planted
 tracks' captions and attribution by unlearning: throughput of each stage and the planted tracks'
-ranks. The VAE is untrained, its encoder's output scaled to about unit variance.
+ranks. The VAE is untrained, its posterior mean calibrated to unit variance on 8 tracks.
 (B) The Stable Audio Open 1.0 DiT configuration (24 layers, 24 heads x 64, cross-attention 768)
 with random weights: per-sample loss throughput at 1024 latent frames, peak memory, the Fisher's
 size, and what one exact query over 115,000 tracks costs at that rate. Writes the `stable-audio`
@@ -48,8 +48,10 @@ SAO_DIT = dict(sample_size=1024, in_channels=64, num_layers=24, attention_head_d
                cross_attention_input_dim=768)
 
 
-def shaped_pipeline(path: Path, dit: dict, vae_hidden: int, text_dim: int) -> Path:
-    """Save a Stable-Audio-shaped pipeline with random weights (the VAE output scaled)."""
+def shaped_pipeline(path: Path, dit: dict, vae_hidden: int, text_dim: int,
+                    calibration: list[str]) -> Path:
+    """Save a Stable-Audio-shaped pipeline with random weights, its VAE calibrated on a few
+    tracks (`calibrate_vae`)."""
     from diffusers import (
         AutoencoderOobleck,
         CosineDPMSolverMultistepScheduler,
@@ -65,8 +67,7 @@ def shaped_pipeline(path: Path, dit: dict, vae_hidden: int, text_dim: int) -> Pa
                              channel_multiples=[1, 2, 2, 4, 4], decoder_channels=vae_hidden,
                              decoder_input_channels=dit["in_channels"], audio_channels=2,
                              sampling_rate=44100)
-    with torch.no_grad():
-        vae.encoder.conv2.weight_g.mul_(15.0)
+    calibrate_vae(vae, calibration)
     words = sorted({w for line in (path.parent / "captions.txt").read_text().splitlines()
                     for w in line.lower().replace(",", " , ").replace(".", " . ").split()})
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *words])}
@@ -86,6 +87,24 @@ def shaped_pipeline(path: Path, dit: dict, vae_hidden: int, text_dim: int) -> Pa
     return path
 
 
+def calibrate_vae(vae, paths: list[str], seconds: float = 6.0) -> None:
+    """Shift and scale a random VAE's posterior mean to zero mean and unit variance per channel
+    over `paths` (folded into the encoder's last convolution). Untouched, a random Oobleck
+    encoder's output is a near-constant offset (every track's latent alike, mean square 1.2
+    against 0.02 of variance): nothing to memorise or attribute. A trained VAE's latents are
+    about unit variance by its KL term."""
+    from linernotes.models.stable_audio.latents import VaeLatents
+
+    enc = VaeLatents(vae, int(seconds * vae.config.sampling_rate) // int(vae.hop_length), "")
+    z = enc.encode(np.stack([enc.waveform(p)[0] for p in paths]))  # (B, frames, C)
+    mean = torch.from_numpy(z.mean((0, 1))).view(-1, 1, 1)
+    std = torch.from_numpy(z.std((0, 1))).view(-1, 1, 1)
+    conv, c = vae.encoder.conv2, z.shape[-1]  # its first c output channels are the mean
+    with torch.no_grad():
+        conv.weight_g[:c] /= std
+        conv.bias[:c] = (conv.bias[:c] - mean.view(-1)) / std.view(-1)
+
+
 def stage_a(args, work: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     manifest = read_manifest(args.corpus)
     (work / "captions.txt").write_text("\n".join(manifest["caption"].astype(str)))
@@ -94,7 +113,9 @@ def stage_a(args, work: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                num_key_value_attention_heads=max(1, args.heads // 2), attention_head_dim=32,
                cross_attention_dim=args.heads * 32, cross_attention_input_dim=args.heads * 32,
                global_states_input_dim=2 * args.heads * 32, time_proj_dim=64)
-    model = shaped_pipeline(work / "model", dit, args.vae_hidden, 128)
+    spread = manifest.iloc[np.linspace(0, len(manifest) - 1, 8).astype(int)]
+    model = shaped_pipeline(work / "model", dit, args.vae_hidden, 128,
+                            [str(Path(args.corpus) / p) for p in spread["path"]])
     t0 = time.perf_counter()
     run = StableAudioFamily.init_run(model, manifest, work / "init", progress=False)
     init_s = time.perf_counter() - t0
@@ -232,7 +253,9 @@ def main() -> None:
 **(A) A Stable-Audio-shaped pipeline** of the real diffusers classes with random weights: the
 Oobleck VAE with Stable Audio Open's strides (44.1 kHz stereo, hop 2048) but
 {facts['dit']['in_channels']} latent channels (SAO: 64; its encoder at full width costs minutes per
-track on this CPU), untrained, its encoder's output scaled to about unit variance; a 2-layer T5;
+track on this CPU), untrained, its posterior mean shifted and scaled per channel to zero mean and
+unit variance over 8 corpus tracks (a random encoder's raw output is a near-constant offset that
+makes every track's latent alike); a 2-layer T5;
 and a DiT with SAO's layout at {facts['dit']['num_layers']} layers x
 {facts['dit']['num_attention_heads']} heads x 32 ({facts['dit_params'] / 1e6:.1f} M parameters).
 `linernotes init` over the demo corpus
