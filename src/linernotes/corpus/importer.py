@@ -1,7 +1,8 @@
 """Import a user's folder of audio plus a captions file (CSV or JSONL) as a corpus manifest.
 
-Every file is resampled, downmixed (or kept stereo: `channels=2`), cut into excerpts that share the file's `parent_id`, and
-written as FLAC. Bad input is reported as (path, reason) and never stops the rest.
+Every file is resampled, downmixed (or kept stereo: `channels=2`), cut into excerpts that share
+the file's `parent_id`, and written as FLAC. Bad input is reported as (path, reason) and never
+stops the rest.
 """
 
 from __future__ import annotations
