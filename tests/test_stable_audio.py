@@ -56,6 +56,8 @@ def test_init_makes_a_run_of_the_pipeline(sa):
     from diffusers import StableAudioPipeline
 
     StableAudioPipeline.from_pretrained(str(run.path / "pipeline"), local_files_only=True)
+    with pytest.raises(LinernotesError, match="no text-audio embedder.*clap-audio"):
+        run.family.embed_text(["a tune"])  # clap-text, the audit's text-audio agreement
 
 
 def test_the_task_conditions_the_dit_as_the_pipeline_does(sa):

@@ -151,8 +151,9 @@ class Family(abc.ABC):
 
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         """(B, D) unit-norm text embeddings in the same space as `embed_audio`."""
-        raise LinernotesError(f"The {self.name} family has no text-audio embedder; this "
-                              "measure needs one.")
+        raise LinernotesError(f"The {self.name} family has no text-audio embedder (text and "
+                              "audio in one space), which this measure needs; audio-to-audio "
+                              "measures (clap-audio, chroma-mfcc, basic-pitch) work.")
 
     def block_names(self, model: nn.Module | None = None) -> list[str]:
         """The model's transformer blocks, in order (the LPIPS-style similarity's layers)."""
