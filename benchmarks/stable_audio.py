@@ -14,6 +14,8 @@ ranks. The VAE is untrained, its posterior mean calibrated to unit variance on 8
 with random weights: per-sample loss throughput at 1024 latent frames, peak memory, the Fisher's
 size, and what one exact query over 115,000 tracks costs at that rate. Writes the `stable-audio`
 section of docs/benchmarks.md (not with --quick).
+
+    python benchmarks/stable_audio.py --only-sao --device cuda --sao-batch 8   # (B) on a GPU
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from bench_docs import table as md_table
 from bench_docs import write_section
+from linernotes import device
 from linernotes.attribution.front import attribute_run
 from linernotes.attribution.losses import ScoreSettings, track_losses
 from linernotes.clips import generate
@@ -173,12 +176,13 @@ def stage_b(args) -> dict:
 
     from linernotes.models.stable_audio.task import StableAudioTask
 
+    dev = device.resolve(args.device)
     dit = dict(SAO_DIT, num_layers=args.sao_layers)
     torch.manual_seed(0)
-    model = StableAudioDiTModel(**dit).eval()
+    model = StableAudioDiTModel(**dit).eval().to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     projection = StableAudioProjectionModel(text_encoder_dim=768, conditioning_dim=768,
-                                            min_value=0, max_value=512)
+                                            min_value=0, max_value=512).to(dev)
 
     class Tokens:  # the T5 stand-in: 64 zero tokens per caption (cost is the DiT's)
         model_max_length = 64
@@ -198,18 +202,26 @@ def stage_b(args) -> dict:
                            ["time_proj.weight"])
     batch = {"features": torch.randn(1, frames, 64), "mask": torch.ones(1, frames, dtype=bool),
              "caption": ["a"]}
-    out = {"params": n_params, "layers": dit["num_layers"], "frames": frames}
+    out = {"params": n_params, "layers": dit["num_layers"], "frames": frames, "device": dev.type}
     for precision in ("float32", "bfloat16"):
         times = []
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
                                                     enabled=precision == "bfloat16"):
             for k in range(args.sao_reps + 1):
-                t, noise = draw_noise(["q"], [k], (frames, 64))
+                b = args.sao_batch
+                t, noise = draw_noise(["q"] * b, [k * b + i for i in range(b)], (frames, 64))
+                many = {"features": batch["features"].expand(b, -1, -1),
+                        "mask": batch["mask"].expand(b, -1), "caption": batch["caption"] * b}
+                many = device.move(many, dev)
                 t0 = time.perf_counter()
-                task.per_sample_loss(model, batch, t[:, 0], noise[:, 0])
-                times.append(time.perf_counter() - t0)
+                task.per_sample_loss(model, many, t[:, 0].to(dev), noise[:, 0].to(dev))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) / args.sao_batch)
         out[f"s_per_loss_{precision}"] = float(np.median(times[1:]))
     out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if dev.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     out["fisher_gb"] = n_params * 4 / 2**30
     return out
 
@@ -228,6 +240,9 @@ def main() -> None:
     ap.add_argument("--planted", type=int, default=3)
     ap.add_argument("--sao-layers", type=int, default=24)
     ap.add_argument("--sao-reps", type=int, default=2)
+    ap.add_argument("--sao-batch", type=int, default=1, help="losses per forward in (B)")
+    ap.add_argument("--device", default="cpu", help="(B)'s device: cpu, cuda or auto")
+    ap.add_argument("--only-sao", action="store_true", help="(B) alone (a GPU check)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -237,10 +252,14 @@ def main() -> None:
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    cost, ranks, facts = stage_a(args, args.work)
-    print(cost.to_string(index=False), ranks.to_string(index=False), facts, sep="\n", flush=True)
+    if not args.only_sao:
+        cost, ranks, facts = stage_a(args, args.work)
+        print(cost.to_string(index=False), ranks.to_string(index=False), facts, sep="\n",
+              flush=True)
     sao = stage_b(args)
     print(sao, flush=True)
+    if args.only_sao:
+        return
     total_losses = PAPER_TRACKS * PAPER_TIMESTEPS
     hours = {p: total_losses * sao[f"s_per_loss_{p}"] / 3600 for p in ("float32", "bfloat16")}
     minutes = (time.perf_counter() - started) / 60
