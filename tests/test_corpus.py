@@ -267,3 +267,158 @@ def test_import_rejects_a_captions_file_without_the_columns(tmp_path):
     bad.write_text("file,text\na.wav,hello\n")
     with pytest.raises(LinernotesError, match=r"captions\.csv.*path, caption"):
         import_folder(tmp_path, bad, tmp_path / "out", progress=False)
+
+
+def _noisy_tone(seconds, sr, seed=0):
+    """A tone with noise: it compresses poorly, so a 10 s OGG Vorbis is about 100 kB."""
+    noise = np.random.default_rng(seed).standard_normal(int(seconds * sr)).astype(np.float32)
+    return _tone(seconds, sr) + 0.05 * noise
+
+
+def test_import_leaves_out_truncated_or_corrupt_audio(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    sr = 44100
+    names = ["whole.ogg", "cut.ogg", "gap.ogg", "cut.wav", "cut.flac"]
+    for name in names:
+        fmt = {"ogg": "OGG", "wav": "WAV", "flac": "FLAC"}[name.rsplit(".", 1)[1]]
+        sf.write(audio / name, _noisy_tone(10.0, sr), sr, format=fmt,
+                 subtype="VORBIS" if fmt == "OGG" else "PCM_16")
+    whole = (audio / "whole.ogg").read_bytes()
+    assert len(whole) > 60_000
+    (audio / "cut.ogg").write_bytes(whole[:20_000])  # the first 20 kB
+    mid = len(whole) // 2
+    (audio / "gap.ogg").write_bytes(whole[: mid - 20_000] + bytes(40_000) + whole[mid + 20_000 :])
+    for name in ("cut.wav", "cut.flac"):
+        data = (audio / name).read_bytes()
+        (audio / name).write_bytes(data[: len(data) // 2])
+    if "MP3" in sf.available_formats():
+        sf.write(audio / "cut.mp3", _noisy_tone(10.0, sr), sr, format="MP3")
+        data = (audio / "cut.mp3").read_bytes()
+        (audio / "cut.mp3").write_bytes(data[: len(data) // 4])
+        names.append("cut.mp3")
+    # What libsndfile makes of them: a cut-off Ogg declares only the pages it still has, a WAV's
+    # length is trimmed to the bytes present; the Ogg with a zeroed stretch decodes short.
+    assert sf.info(str(audio / "cut.ogg")).frames == len(sf.read(str(audio / "cut.ogg"))[0])
+    assert sf.info(str(audio / "cut.wav")).frames == len(sf.read(str(audio / "cut.wav"))[0])
+    assert len(sf.read(str(audio / "gap.ogg"))[0]) < 0.9 * sf.info(str(audio / "gap.ogg")).frames
+    captions = tmp_path / "captions.csv"
+    captions.write_text("path,caption\n" + "".join(f"{n},noise {n}\n" for n in names))
+
+    result = import_folder(audio, captions, tmp_path / "out", seconds=8.0, progress=False)
+    problems = dict(result.problems)
+    assert set(problems) == set(names) - {"whole.ogg"}
+    assert sorted(result.manifest["title"]) == ["whole", "whole"]  # 8 s + 2 s, all of it
+    assert result.total_duration == pytest.approx(10.0)
+    assert problems["cut.ogg"].startswith("decoded 1.")
+    assert "end-of-stream" in problems["cut.ogg"]
+    assert problems["cut.wav"].startswith("decoded 5.0 s of a declared 10.0 s")
+    assert "decoded" in problems["gap.ogg"] and "of a declared 10.0 s" in problems["gap.ogg"]
+    for name in {"cut.ogg", "gap.ogg", "cut.wav", "cut.mp3"} & set(names):
+        assert "truncated or corrupt; left out (pass --keep-truncated" in problems[name], name
+    assert "unreadable or corrupt" in problems["cut.flac"]  # libsndfile: "lost sync"
+    assert result.counts["files_not_imported"] == len(names) - 1
+    log = [json.loads(x) for x in (tmp_path / "out" / "import_log.jsonl").read_text().split("\n")
+           if x]
+    assert {e["path"]: e["kind"] for e in log} == dict.fromkeys(problems, "file")
+
+    kept = import_folder(
+        audio, captions, tmp_path / "kept", seconds=8.0, keep_truncated=True, progress=False
+    )
+    problems = dict(kept.problems)
+    assert set(problems) == set(names) - {"whole.ogg"}
+    assert "unreadable or corrupt" in problems["cut.flac"]
+    short = set(names) - {"whole.ogg", "cut.flac"}
+    assert all("imported what decodes" in problems[n] for n in short)
+    assert kept.counts["truncated_kept"] == len(short) and kept.counts["files_not_imported"] == 1
+    names = kept.manifest["source"].map(lambda s: s.rsplit("/", 1)[-1])
+    seconds = kept.manifest.groupby(names)["duration"].sum()
+    assert seconds["whole.ogg"] == pytest.approx(10.0)
+    assert seconds["cut.wav"] == pytest.approx(5.0, abs=0.01)
+    assert 1.0 < seconds["cut.ogg"] < 2.0 and 1.0 < seconds["gap.ogg"] < 9.0
+
+
+def test_import_refuses_symbolic_links_out_of_the_folder(tmp_path):
+    audio, elsewhere = tmp_path / "audio", tmp_path / "elsewhere"
+    audio.mkdir()
+    elsewhere.mkdir()
+    for path in (audio / "inside.wav", elsewhere / "far.wav", elsewhere / "near.wav"):
+        sf.write(path, _tone(2.0, 16000), 16000)
+    (audio / "out.wav").symlink_to(elsewhere / "far.wav")
+    (audio / "in.wav").symlink_to("inside.wav")
+    (audio / "linked").symlink_to(elsewhere, target_is_directory=True)
+    rows = [
+        ("inside.wav", "the file"),
+        ("in.wav", "a link inside"),
+        ("out.wav", "a link out"),
+        ("linked/near.wav", "in a linked folder"),
+        ("../elsewhere/far.wav", "a relative path out"),
+        (str(elsewhere / "near.wav"), "an absolute path out"),
+        ("../elsewhere/none.wav", "nothing there"),
+    ]
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps({"path": p, "caption": c}) + "\n" for p, c in rows))
+
+    result = import_folder(audio, captions, tmp_path / "out", progress=False)
+    problems = dict(result.problems)
+    assert sorted(result.manifest["caption"]) == ["a link inside", "the file"]
+    for rel in ("out.wav", "linked/near.wav"):
+        assert problems[rel].startswith("symbolic link to a file outside the audio folder (")
+        assert str(elsewhere.resolve()) in problems[rel] and "--follow-links" in problems[rel]
+    for rel in ("../elsewhere/far.wav", str(elsewhere / "near.wav")):
+        assert problems[rel].startswith("outside the audio folder (")
+    assert problems["../elsewhere/none.wav"] == "caption given but no such audio file"
+    assert result.counts["files_not_imported"] == 4
+    assert result.counts["caption_rows_not_used"] == 1
+
+    followed = import_folder(audio, captions, tmp_path / "out2", follow_links=True, progress=False)
+    assert sorted(followed.manifest["caption"]) == [
+        "a link inside", "a link out", "in a linked folder", "the file"
+    ]
+    assert set(dict(followed.problems)) == {
+        "../elsewhere/far.wav", str(elsewhere / "near.wav"), "../elsewhere/none.wav"
+    }
+
+
+def test_import_counts_files_and_excerpts_apart(tmp_path):
+    from typer.testing import CliRunner
+
+    from linernotes.cli import app
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    gappy = _tone(8.0, 16000)
+    gappy[16000:-16000] = 0  # excerpts 1-6 of 1 s are silent
+    sf.write(audio / "gappy.wav", gappy, 16000)
+    sf.write(audio / "good.wav", _tone(1.0, 16000), 16000)
+    sf.write(audio / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    sf.write(audio / "uncaptioned.wav", _tone(1.0, 16000), 16000)
+    sf.write(audio / "blank.wav", _tone(1.0, 16000), 16000)
+    (audio / "corrupt.wav").write_bytes(b"RIFF\x00\x01junk that is not audio" * 10)
+    captions = tmp_path / "captions.csv"
+    captions.write_text(
+        "path,caption,artist\ngappy.wav,a gappy tone,Ann\ngood.wav,a tone,Ann\n"
+        "silent.wav,nothing,Ann\nblank.wav,,Bo\ncorrupt.wav,broken,Bo\nmissing.wav,gone,Bo\n"
+    )
+    result = import_folder(audio, captions, tmp_path / "out", seconds=1.0, progress=False)
+    assert len(result.problems) == 11
+    c = result.counts
+    assert (c["files_not_imported"], c["excerpts_skipped"], c["caption_rows_not_used"]) == (4, 6, 1)
+    assert c["imported_files"] == 2 and c["excerpts"] == 3
+    summary = "4 file(s) not imported, 6 excerpt(s) skipped, 1 captions row(s) not used"
+    assert result.problem_summary() == summary
+    table = result.summary_table().set_index("artist")
+    assert list(table.columns) == [
+        "tracks", "holdout", "seconds", "files_not_imported", "excerpts_skipped"
+    ]
+    assert table.loc["Ann"].tolist() == [3, table.loc["Ann", "holdout"], 3.0, 1, 6]
+    assert table.loc["Bo", "files_not_imported"] == 2  # blank caption, corrupt
+    assert table.loc["", "files_not_imported"] == 1  # the uncaptioned file has no artist
+    assert table.loc["total"].tolist()[-2:] == [4, 6]
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["corpus", "import", "--audio", str(audio), "--captions",
+                                   str(captions), "-o", str(out), "--seconds", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"{summary} (see {out / 'import_log.jsonl'}):" in res.output
+    assert "file(s) not imported (see" not in res.output.replace(summary, "")

@@ -5,18 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from linernotes.errors import LinernotesError
+
+T = TypeVar("T")
+
+
+def _file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    """Yield a temporary path beside `path`; on success rename it over `path` (with the mode a
+    plain write would give it, not the temporary file's private 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,10 +35,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            os.chmod(tmp_path, _file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def load_cached(path: str | os.PathLike, load: Callable[[Path], T]) -> T | None:
+    """`load(path)`, or None when the file is missing or cannot be read: a truncated or corrupt
+    cache file is a cache miss, which the caller recomputes and rewrites. The miss is said once
+    on stderr. `load` raises (any exception) for a file it finds damaged or of the wrong shape."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except Exception as exc:  # noqa: BLE001 - whatever the reader's complaint, the file is bad
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"linernotes: {path} cannot be read ({reason}); computing it again.",
+              file=sys.stderr, flush=True)
+        return None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

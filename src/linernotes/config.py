@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +23,22 @@ class Settings:
     """Base class: subclasses declare fields with defaults and may override `validate`."""
 
     def __post_init__(self) -> None:
+        self.check_numbers()
         self.validate()
+
+    def check_numbers(self) -> None:
+        """What holds for every setting: numbers are finite, integers fit in 64 bits, seeds are
+        not negative (each field's own bounds are `validate`'s)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LinernotesError(f"{f.name} must be a finite number, not {value}.")
+            if isinstance(value, int) and not -(2**63) < value < 2**63:
+                raise LinernotesError(f"{f.name}={value} is out of range.")
+            if (f.name == "seed" or f.name.endswith("_seed")) and value < 0:
+                raise LinernotesError(f"{f.name} must be >= 0.")
 
     def validate(self) -> None:
         """Raise LinernotesError for an invalid combination of values."""

@@ -1,12 +1,15 @@
 """Diagonal empirical Fisher: mean over (sample, draw) of squared per-sample loss gradients.
 
-Stored once per model (safetensors, with provenance) and reused by every query and opt-out.
+Stored once per model (safetensors, with provenance) and reused by every query and opt-out. The
+running sums are checkpointed while it is computed: a killed computation resumes at the last
+checkpoint and gives the same bytes as one that was never interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from linernotes import distributed
-from linernotes.artifacts import atomic_path
+from linernotes.artifacts import atomic_path, load_cached
 from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
@@ -107,10 +110,35 @@ class Fisher:
         if run_hash is not None and meta.get("run_hash") != run_hash:
             raise LinernotesError(
                 f"The Fisher {path} was computed for run {meta.get('run_hash')}, not for this run "
-                f"({run_hash}). Recompute it with `linernotes fisher --run ...`."
+                f"({run_hash}); a run's own Fisher is recomputed in its place by `linernotes "
+                "fisher --run RUN --force` (or any command that needs it)."
             )
         settings = FisherSettings.from_dict(json.loads(meta["settings"]))
         return cls(diag, settings, meta["run_hash"], int(meta["n_examples"]))
+
+
+def _write_partial(path: str | Path, stamp: dict, acc: dict[str, torch.Tensor], count: int,
+                   done: int) -> None:
+    meta = {"stamp": json.dumps(stamp, sort_keys=True), "count": str(count), "done": str(done)}
+    with atomic_path(path) as tmp:
+        save_file({n: a.cpu().contiguous() for n, a in acc.items()}, str(tmp), metadata=meta)
+
+
+def _read_partial(path: str | Path, stamp: dict, like: dict[str, torch.Tensor]
+                  ) -> tuple[dict[str, torch.Tensor], int, int]:
+    """(sums, count, samples done) of a checkpoint made for the same computation."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("stamp") != json.dumps(stamp, sort_keys=True):
+        raise ValueError("a checkpoint of another Fisher computation")
+    sums = load_file(str(path))
+    if {n: (t.shape, t.dtype) for n, t in sums.items()} != {
+            n: (t.shape, t.dtype) for n, t in like.items()}:
+        raise ValueError("sums of other shapes")
+    dev = next(iter(like.values())).device
+    return {n: sums[n].to(dev) for n in like}, int(meta["count"]), int(meta["done"])
 
 
 def compute_fisher(
@@ -120,11 +148,16 @@ def compute_fisher(
     settings: FisherSettings,
     run_hash: str,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
+    checkpoint_seconds: float = 300.0,
 ) -> Fisher:
     """Empirical diagonal Fisher of `settings.group` over `dataset` (random draws, keyed by id).
 
     Per-sample gradients come from micro-batches of one (sample, draw) each, accumulated as
-    squares; the draws are common random numbers, so the estimate is reproducible.
+    squares; the draws are common random numbers, so the estimate is reproducible. With
+    `checkpoint` (a file per rank), the running sums are saved there after a batch once
+    `checkpoint_seconds` have passed since the last save, and a rerun resumes from them (the
+    caller deletes the file once the Fisher is saved).
     """
     params = task.parameters(model, settings.group)
     if not params:
@@ -133,16 +166,23 @@ def compute_fisher(
     g = torch.Generator().manual_seed(settings.seed)
     order = torch.randperm(len(dataset), generator=g)[:n].sort().values.tolist()
     order = order[distributed.rank() :: distributed.world_size()]  # this rank's share
-    sub = torch.utils.data.Subset(dataset, order)
-    loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
     # float64 sums (8 bytes per parameter) unless the group is large: a 1B-parameter DiT's
     # would need 8 GB beside its weights and gradients, so large groups sum in float32
     large = sum(p.numel() for p in params.values()) > LARGE_GROUP
     acc = {name: torch.zeros_like(p, dtype=torch.float32 if large else torch.float64)
            for name, p in params.items()}
-    count = 0
-    bar = tqdm(total=len(order) * settings.draws, desc="fisher",
+    count, done = 0, 0  # (sample, draw) pairs summed; samples of `order` done
+    stamp = {"settings": settings.to_dict(), "run_hash": run_hash, "n": len(order),
+             "rank": distributed.rank(), "world": distributed.world_size()}
+    if checkpoint is not None:
+        saved = load_cached(checkpoint, lambda p: _read_partial(p, stamp, acc))
+        if saved is not None:
+            acc, count, done = saved
+    sub = torch.utils.data.Subset(dataset, order[done:])  # `done` ends a batch: same batches
+    loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
+    bar = tqdm(total=len(order) * settings.draws, initial=count, desc="fisher",
                disable=not progress or distributed.rank() != 0)
+    last = time.monotonic()
     with bar, trainable(model, params):
         for batch in loader:
             t, noise = draw_noise(batch["track_id"], range(settings.draws),
@@ -163,6 +203,10 @@ def compute_fisher(
                         acc[name] += gr.to(acc[name].dtype) ** 2
                     count += 1
                     bar.update(1)
+            done += len(batch["track_id"])
+            if checkpoint is not None and time.monotonic() - last >= checkpoint_seconds:
+                _write_partial(checkpoint, stamp, acc, count, done)
+                last = time.monotonic()
     for a in acc.values():
         distributed.all_reduce_sum(a)
     dev = next(iter(acc.values())).device

@@ -72,6 +72,7 @@ class TrainSettings(Settings):
 
     def validate(self) -> None:
         require(self.steps >= 0, "steps must be >= 0.")
+        require(self.warmup >= 0, "warmup must be >= 0.")
         require(self.batch_size > 0, "batch_size must be > 0.")
         require(self.lr > 0, "lr must be > 0.")
         require(self.lr_schedule in ("cosine", "constant"), "lr_schedule: 'cosine' or 'constant'.")

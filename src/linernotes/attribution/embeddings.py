@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from linernotes.artifacts import hash_json
+from linernotes.artifacts import atomic_path, hash_json, load_cached
 from linernotes.data.features import FeatureStore
 
 
@@ -24,8 +24,9 @@ def track_embeddings(run, store: FeatureStore, rows: Sequence[int], batch: int =
     """Audio embeddings of manifest rows, cached beside the run (keyed by run and rows)."""
     rows = np.asarray(rows, dtype=np.int64)
     path = run.cache_dir / f"clap-audio-{hash_json([run.hash, rows.tolist()])}.npy"
-    if path.exists():
-        return np.load(path)
+    cached = load_cached(path, np.load)
+    if cached is not None and cached.shape[0] == len(rows):
+        return cached
     parts = []
     for lo in range(0, len(rows), batch):
         r = rows[lo : lo + batch]
@@ -33,6 +34,6 @@ def track_embeddings(run, store: FeatureStore, rows: Sequence[int], batch: int =
         mask = torch.from_numpy(np.asarray(store.mask[r], dtype=bool))
         parts.append(audio_embeddings(run, feats, mask, batch))
     emb = np.concatenate(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, emb)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, emb)
     return emb

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
+from linernotes.artifacts import atomic_path, hash_json, load_cached, read_json, write_json
 from linernotes.attribution.losses import ScoreSettings, json_roundtrip
 from linernotes.attribution.query import Query
 from linernotes.config import Settings, require
@@ -412,6 +412,13 @@ def mean_gradient(engine: GradientEngine, batch: dict, t: torch.Tensor, noise: t
 # ---------------------------------------------------------------------------- the on-disk store
 
 
+def _read_features(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    part = np.load(path, mmap_mode="r")
+    if part.shape != shape or part.dtype != np.float32:
+        raise ValueError(f"holds {part.shape} {part.dtype}, not {shape} float32")
+    return part
+
+
 def sharded_features(
     compute: Callable[[int, int], np.ndarray], n: int, dim: int, shard_size: int,
     folder: str | Path, meta: dict, desc: str = "features", progress: bool = True,
@@ -426,8 +433,12 @@ def sharded_features(
     folder.mkdir(parents=True, exist_ok=True)
     meta = json_roundtrip({**meta, "n": n, "dim": dim, "shard_size": shard_size})
     meta_path = folder / "meta.json"
-    if meta_path.exists():
-        old = read_json(meta_path)
+    old = load_cached(meta_path, read_json)
+    if old is None and meta_path.exists():
+        for stale in folder.glob("shard-*.npy"):  # of unknown inputs: not reused
+            stale.unlink()
+        meta_path.unlink()
+    if old is not None:
         if old != meta:
             raise LinernotesError(
                 f"{folder} holds features made from other inputs ({old.get('provenance')}); "
@@ -441,11 +452,7 @@ def sharded_features(
     for s in range(n_shards):
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
         path = folder / f"shard-{s:05d}.npy"
-        part = None
-        if path.exists():
-            part = np.load(path, mmap_mode="r")
-            if part.shape != (hi - lo, dim) or part.dtype != np.float32:
-                part = None  # a damaged shard: recompute it
+        part = load_cached(path, lambda p, shape=(hi - lo, dim): _read_features(p, shape))
         if part is None:
             part = np.ascontiguousarray(compute(lo, hi), dtype=np.float32)
             if part.shape != (hi - lo, dim) or not np.isfinite(part).all():

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from linernotes import distributed
-from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
+from linernotes.artifacts import atomic_path, hash_json, load_cached, read_json, write_json
 from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate
 from linernotes.errors import LinernotesError
@@ -66,7 +66,7 @@ class ScoreSettings(Settings):
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
         require(self.precision in PRECISIONS,
                 f"precision must be one of {', '.join(PRECISIONS)}.")
-        require(self.timesteps >= 1, "timesteps must be >= 1.")
+        require(self.timesteps >= 1 and self.stride >= 1, "timesteps and stride must be >= 1.")
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1 and self.shard_size >= 1,
                 "batch and shard sizes must be >= 1.")
@@ -126,8 +126,12 @@ def sharded_losses(
     meta = {"provenance": provenance, "draws": settings.draw_key(), "n": len(track_ids),
             "tracks": hash_json(track_ids), "shard_size": settings.shard_size}
     meta_path = folder / "meta.json"
-    if meta_path.exists():
-        old = read_json(meta_path)
+    old = load_cached(meta_path, read_json)
+    if old is None and meta_path.exists() and distributed.rank() == 0:
+        for stale in folder.glob("shard-*.npy"):  # of unknown inputs: not reused
+            stale.unlink()
+        meta_path.unlink()
+    if old is not None:
         if old != json_roundtrip(meta):
             raise LinernotesError(
                 f"{folder} holds losses made from other inputs ({old.get('provenance')}); "
@@ -142,21 +146,35 @@ def sharded_losses(
     mine = range(distributed.rank(), n_shards, distributed.world_size())
     bar = tqdm(total=sum(hi - lo for s in mine for lo, hi in [bounds[s]]), desc=desc,
                disable=not progress or distributed.rank() != 0)
-    for s in mine:
+
+    def shard(s: int) -> np.ndarray:
+        """Shard s's losses: read when finished and readable, else computed and written."""
         lo, hi = bounds[s]
         path = folder / f"shard-{s:05d}.npy"
-        if not path.exists():
+        part = load_cached(path, lambda p: _read_losses(p, hi - lo))
+        if part is None:
             part = track_losses(task, model, Subset(dataset, range(lo, hi)), settings)
             if not np.isfinite(part).all():
                 bad = [track_ids[lo + i] for i in np.flatnonzero(~np.isfinite(part))[:5]]
                 raise LinernotesError(f"Non-finite loss for track(s) {bad}: check their audio.")
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, part)
-        bar.update(hi - lo)
+        return part
+
+    for s in mine:
+        shard(s)
+        bar.update(bounds[s][1] - bounds[s][0])
     bar.close()
     distributed.barrier()
-    parts = [np.load(folder / f"shard-{s:05d}.npy") for s in range(n_shards)]
+    parts = [shard(s) for s in range(n_shards)]  # other ranks' shards, now on disk
     return np.concatenate(parts) if parts else np.empty(0)
+
+
+def _read_losses(path: Path, n: int) -> np.ndarray:
+    part = np.load(path)
+    if part.shape != (n,) or part.dtype != np.float64:
+        raise ValueError(f"holds {part.shape} {part.dtype}, not ({n},) float64")
+    return part
 
 
 def json_roundtrip(obj: dict) -> dict:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from linernotes.artifacts import atomic_path, hash_file, hash_json, read_json
+from linernotes.artifacts import atomic_path, hash_file, hash_json, load_cached, read_json
 from linernotes.attribution.attributor import Attributor, Scored
 from linernotes.attribution.embeddings import audio_embeddings, track_embeddings
 from linernotes.attribution.query import Query
@@ -67,9 +67,10 @@ def query_audio(query: Query, run, manifest: pd.DataFrame, sample_rate: int) -> 
 
 
 def _cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
-    """np.load(path) if it exists, else compute, save atomically and return."""
-    if path.exists():
-        return np.load(path)
+    """np.load(path) if it exists and reads, else compute, save atomically and return."""
+    value = load_cached(path, np.load)
+    if value is not None:
+        return value
     value = np.asarray(compute())
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -463,9 +464,10 @@ class LpipsDitSimilarity(SimilarityMethod):
             s = self.settings
             key = {**s.to_dict(), "layers": self.layers}
             path = self._cache(self.method, key)
-            if not path.exists():
+            self._train = load_cached(path, lambda p: np.load(p, mmap_mode="r"))
+            if self._train is None:
                 self._compute(path)
-            self._train = np.load(path, mmap_mode="r")
+                self._train = np.load(path, mmap_mode="r")
         return self._train
 
     def _compute(self, path: Path) -> None:

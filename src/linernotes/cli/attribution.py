@@ -7,7 +7,14 @@ from pathlib import Path
 import typer
 
 from linernotes.attribution.losses import ScoreSettings
-from linernotes.cli.common import Options, app, on_device, read_corpus, with_settings
+from linernotes.cli.common import (
+    Options,
+    app,
+    int_option,
+    on_device,
+    read_corpus,
+    with_settings,
+)
 from linernotes.config import parse_assignments
 from linernotes.curvature import FisherSettings
 from linernotes.errors import LinernotesError
@@ -24,15 +31,17 @@ UNLEARN_OPTIONS = Options("unlearn", UnlearnSettings, ("group", "alpha", "target
 def fisher(
     run: Path = typer.Option(Path("run"), help="Run folder."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
+    force: bool = typer.Option(False, "--force", help="Compute it again even if it is there."),
     settings: FisherSettings = None,
 ) -> None:
-    """Compute (once) the diagonal Fisher of a run; attribution reuses it."""
+    """Compute (once) the diagonal Fisher of a run; attribution reuses it. Resumes after a
+    kill."""
     from linernotes import distributed
     from linernotes.run import load_run
 
     distributed.init_from_env()
     r = load_run(run)
-    f = r.fisher(read_corpus(corpus), settings)
+    f = r.fisher(read_corpus(corpus), settings, force=force)
     typer.echo(f"Fisher over {f.n_examples} examples at {r.fisher_path(settings)}")
 
 
@@ -80,7 +89,7 @@ def attribute(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("scores"), "--out", "-o", help="Folder for score tables."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
-    top: int = typer.Option(5, help="How many credited tracks to print."),
+    top: int = int_option(5, "How many credited tracks to print.", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     unlearn: UnlearnSettings = None,
     score: ScoreSettings = None,
@@ -128,7 +137,7 @@ def report(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Report folder."),
     run: Path = typer.Option(None, help="Run folder (checks the scores came from it)."),
-    top: int = typer.Option(5, help="Credited tracks shown per query."),
+    top: int = int_option(5, "Credited tracks shown per query.", min=1),
     title: str = typer.Option("Liner notes", help="Report title."),
     credit: list[Path] = typer.Option(None, "--credit", help="Credit tables of `linernotes "
                                       "credit` (files or folders): a credit-by-artist panel."),

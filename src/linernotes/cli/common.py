@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,6 +62,29 @@ def read_ids(path: Path) -> tuple[str, ...]:
     if not path.exists():
         raise LinernotesError(f"{path} does not exist (expected one track id per line).")
     return tuple(x.strip() for x in path.read_text().splitlines() if x.strip())
+
+
+# ---------------------------------------------------------------- plain numeric options
+
+#: The largest count a plain integer option takes.
+INT_MAX = 2**31 - 1
+
+
+def int_option(default: int | None, help: str, *, min: int = 0) -> Any:
+    """An integer option that refuses values below `min` (or above INT_MAX) with a usage error
+    naming the flag."""
+    return typer.Option(default, help=help, min=min, max=INT_MAX)
+
+
+def _positive_finite(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a positive finite number.")
+    return value
+
+
+def seconds_option(default: float, help: str) -> Any:
+    """A length in seconds: a positive finite number."""
+    return typer.Option(default, help=help, callback=_positive_finite)
 
 
 # ---------------------------------------------------------------- options from settings
@@ -134,8 +158,12 @@ def with_settings(*groups: Options) -> Callable:
         def command(**kwargs: Any) -> Any:
             for g in groups:
                 given = {name: kwargs.pop(p) for p, (grp, name) in routes.items() if grp is g}
-                kwargs[g.param] = ({k: v for k, v in given.items() if v is not None}
-                                   if g.overrides else build_settings(g, given))
+                if g.overrides:  # checked against the class's bounds, applied by the command
+                    given = {k: v for k, v in given.items() if v is not None}
+                    build_settings(g, given)
+                    kwargs[g.param] = given
+                else:
+                    kwargs[g.param] = build_settings(g, given)
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=params)

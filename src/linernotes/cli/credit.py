@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from linernotes.cli.common import app, evaluate_app, on_device, print_table, read_corpus
+from linernotes.cli.common import (
+    app,
+    evaluate_app,
+    int_option,
+    on_device,
+    print_table,
+    read_corpus,
+)
 from linernotes.config import parse_assignments
 from linernotes.errors import LinernotesError
 
@@ -49,7 +56,7 @@ def credit_cmd(
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     scores: Path = typer.Option(None, help="-sum methods: a folder of `attribute` score "
                                 "tables (<query>.parquet) to sum instead of attributing again."),
-    top: int = typer.Option(10, help="How many groups to print per query."),
+    top: int = int_option(10, "How many groups to print per query.", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """Credit each query to groups of training tracks (artists), by unlearning each group."""
@@ -95,7 +102,7 @@ def evaluate_credit_cmd(
     methods: str = typer.Option("grad_diff,newton,clap-centroid,unlearning-sum,trak-sum",
                                 help="Comma-separated credit methods compared with LOGO."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
-    k: int = typer.Option(3, help="Cut-off of NDCG@k."),
+    k: int = int_option(3, "Cut-off of NDCG@k.", min=1),
 ) -> None:
     """Compare group-credit methods with leave-one-group-out retraining (retrains are cached)."""
     from linernotes.credit import evaluate_credit

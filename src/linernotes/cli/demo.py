@@ -11,7 +11,7 @@ import typer
 
 from linernotes.cli.attribution import print_credits
 from linernotes.cli.common import Options, app, on_device, with_settings
-from linernotes.config import Settings, setting
+from linernotes.config import Settings, require, setting
 from linernotes.errors import LinernotesError
 
 #: Eight artists with distinct styles (choral, polyphony, fiddle tunes, folk songs).
@@ -45,6 +45,13 @@ class DemoSettings(Settings):
     steps: int = setting(1200, "Model training steps.")
     clap_steps: int = setting(300, "CLAP training steps.")
     top: int = setting(5, "Credited tracks printed per clip.")
+
+    def validate(self) -> None:
+        require(self.size >= len(DEMO_ARTISTS),
+                f"size must be >= {len(DEMO_ARTISTS)} (a track per artist).")
+        require(0 < self.seconds <= 60, "seconds must be in (0, 60].")
+        require(min(self.steps, self.clap_steps, self.top) >= 1,
+                "steps, clap_steps and top must be >= 1.")
 
 
 @app.command()

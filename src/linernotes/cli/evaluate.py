@@ -11,6 +11,7 @@ from linernotes.cli.attribution import UNLEARN_OPTIONS
 from linernotes.cli.common import (
     Options,
     evaluate_app,
+    int_option,
     on_device,
     print_table,
     read_corpus,
@@ -33,12 +34,12 @@ DRAW_OPTIONS = Options("draws", EvalDraws, ("timesteps", "stride", "noises"))
 def evaluate_consistency(
     run: Path = typer.Option(Path("run"), help="Run folder."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    queries: int = typer.Option(8, help="Training tracks unlearned as queries (k-means-diverse "
-                                "on audio embeddings)."),
+    queries: int = int_option(8, "Training tracks unlearned as queries (k-means-diverse on "
+                              "audio embeddings).", min=1),
     out: Path = typer.Option(Path("consistency"), "--out", "-o", help="Folder for score "
                              "tables and the summary."),
-    top_k: int = typer.Option(10, help="k of the audio similarity to the top-k / bottom-k."),
-    seed: int = typer.Option(0, help="Seed of the k-means choice of queries."),
+    top_k: int = int_option(10, "k of the audio similarity to the top-k / bottom-k.", min=1),
+    seed: int = int_option(0, "Seed of the k-means choice of queries."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     unlearn: UnlearnSettings = None,
     score: ScoreSettings = None,
@@ -164,9 +165,9 @@ def evaluate_leave_k_out(
                                 "set (< 1) or a count; repeat for several."),
     out: Path = typer.Option(Path("leave-k-out"), "--out", "-o", help="Folder for the table."),
     retrains: Path = typer.Option(None, help="Retrain cache (default: the run's)."),
-    budget: int = typer.Option(None, help="Most retrains this invocation may train."),
+    budget: int = int_option(None, "Most retrains this invocation may train."),
     random: bool = typer.Option(True, help="Add K random tracks as a control."),
-    random_seed: int = typer.Option(0, help="Seed of the random control."),
+    random_seed: int = int_option(0, "Seed of the random control."),
     generation: bool = typer.Option(True, help="Also measure the regenerated clip's change."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     draws: EvalDraws = None,
@@ -202,7 +203,7 @@ def evaluate_lds(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("lds"), "--out", "-o", help="Folder for the tables."),
     retrains: Path = typer.Option(None, help="Retrain cache (default: the run's)."),
-    budget: int = typer.Option(None, help="Most retrains this invocation may train."),
+    budget: int = int_option(None, "Most retrains this invocation may train."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     s: LdsSettings = None,
     draws: EvalDraws = None,
@@ -250,8 +251,8 @@ def evaluate_grid(
     draws: list[str] = typer.Option(None, help="Query-gradient draws."),
     retrains: Path = typer.Option(None, help="Retrain cache for --metric lds (default: the "
                                   "run's)."),
-    subsets: int = typer.Option(16, help="Subset models for --metric lds."),
-    budget: int = typer.Option(None, help="Most retrains this invocation may train."),
+    subsets: int = int_option(16, "Subset models for --metric lds.", min=3),
+    budget: int = int_option(None, "Most retrains this invocation may train."),
 ) -> None:
     """Grid search over unlearning settings, judged on tuning queries; resumes row by row."""
     from linernotes.evaluation.grid import LdsMetric, SelfRankMetric, grid_points, grid_search

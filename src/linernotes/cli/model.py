@@ -10,10 +10,12 @@ from linernotes.cli.common import (
     Options,
     app,
     corpus_app,
+    int_option,
     on_device,
     print_table,
     read_corpus,
     read_ids,
+    seconds_option,
     with_settings,
 )
 from linernotes.config import Settings, parse_assignments
@@ -40,10 +42,10 @@ def parse_size(size: str) -> int | str:
 def corpus_build(
     out: Path = typer.Option(Path("corpus"), "--out", "-o", help="Folder for audio + manifest."),
     size: str = typer.Option("400", help="Number of tracks (balanced over artists), or 'all'."),
-    seconds: float = typer.Option(8.0, help="Longest excerpt in seconds."),
-    seed: int = typer.Option(0, help="Seed for the selection, instruments, tempi and splits."),
+    seconds: float = seconds_option(8.0, "Longest excerpt in seconds."),
+    seed: int = int_option(0, "Seed for the selection, instruments, tempi and splits."),
     artists: list[str] = typer.Option(None, "--artist", help="Keep only these artists."),
-    workers: int = typer.Option(0, help="Rendering processes (0 = all cores)."),
+    workers: int = int_option(0, "Rendering processes (0 = all cores)."),
 ) -> None:
     """Render music21's bundled scores with FluidSynth into a captioned corpus."""
     from linernotes.corpus.build import build_corpus
@@ -63,20 +65,27 @@ def corpus_import(
     audio: Path = typer.Option(..., "--audio", help="Folder of WAV/FLAC/OGG/MP3 files."),
     captions: Path = typer.Option(..., "--captions", help="CSV or JSONL: path, caption[, artist]."),
     out: Path = typer.Option(Path("corpus"), "--out", "-o", help="Folder for audio + manifest."),
-    seconds: float = typer.Option(8.0, help="Excerpt length; longer files are split."),
-    sample_rate: int = typer.Option(16000, help="Target sample rate."),
-    channels: int = typer.Option(1, help="1: downmix to mono; 2: keep stereo (Stable Audio)."),
-    seed: int = typer.Option(0, help="Seed for the train/holdout split."),
+    seconds: float = seconds_option(8.0, "Excerpt length; longer files are split."),
+    sample_rate: int = int_option(16000, "Target sample rate.", min=8000),
+    channels: int = int_option(1, "1: downmix to mono; 2: keep stereo (Stable Audio).", min=1),
+    seed: int = int_option(0, "Seed for the train/holdout split."),
+    keep_truncated: bool = typer.Option(False, "--keep-truncated", help="Import files that "
+                                        "decode shorter than their header declares (cut off or "
+                                        "corrupt) as far as they decode, instead of leaving "
+                                        "them out."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Import symbolic links to "
+                                      "files outside the audio folder."),
 ) -> None:
     """Import your own audio folder and captions as a corpus."""
-    from linernotes.corpus.importer import import_folder
+    from linernotes.corpus.importer import LOG_NAME, import_folder
 
     result = import_folder(audio, captions, out, sample_rate, seconds, seed=seed,
-                           channels=channels)
+                           channels=channels, keep_truncated=keep_truncated,
+                           follow_links=follow_links)
     print_table(result.summary_table(), f"Corpus at {result.manifest_path}")
     typer.echo(", ".join(f"{k}: {v}" for k, v in result.counts.items()))
     if result.problems:
-        typer.echo(f"{len(result.problems)} file(s) not imported (see {out / 'import_log.jsonl'}):")
+        typer.echo(f"{result.problem_summary()} (see {out / LOG_NAME}):")
         for path, reason in result.problems[:50]:
             typer.echo(f"  {path}: {reason}")
         if len(result.problems) > 50:
@@ -123,6 +132,8 @@ def train(
 ) -> None:
     """Train a reference model (CLAP stage, then the DiT), or fine-tune a run with --base;
     resumes after a kill."""
+    if settings.steps < 1:
+        raise LinernotesError(f"--steps {settings.steps}: training needs at least one step.")
     dups = []
     for d in duplicate or []:
         tid, _, m = d.rpartition(":")
@@ -153,7 +164,7 @@ def generate(
     run: Path = typer.Option(Path("run"), help="Run folder."),
     out: Path = typer.Option(Path("clips"), "--out", "-o", help="Folder for clips (or a .wav)."),
     prompts_file: Path = typer.Option(None, help="A file of prompts, one per line."),
-    seed: int = typer.Option(0, help="Seed of the first clip (then seed + i)."),
+    seed: int = int_option(0, "Seed of the first clip (then seed + i)."),
     sets: list[str] = typer.Option(None, "--set", help="KEY=VALUE: any other setting of the "
                                    "model's sampler (e.g. sampler=ddim for the reference family)."),
     given: dict = None,

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from linernotes.cli.common import Options, app, on_device, read_corpus, read_ids, with_settings
+from linernotes.cli.common import (
+    Options,
+    app,
+    int_option,
+    on_device,
+    read_corpus,
+    read_ids,
+    with_settings,
+)
 from linernotes.config import parse_assignments
 from linernotes.errors import LinernotesError
 from linernotes.evaluation.audit import AuditSettings
@@ -122,8 +130,8 @@ def audit_cmd(
     out: Path = typer.Option(Path("audit"), "--out", "-o", help="Folder for table, plot, JSON."),
     retrains: Path = typer.Option(None, "--retrains", "--retrained", help="Retrain cache "
                                   "(default: the original run's)."),
-    retrain_steps: int = typer.Option(0, help="Training steps of the retrained reference (0 = "
-                                      "the original's; fewer give a cheaper, weaker reference)."),
+    retrain_steps: int = int_option(0, "Training steps of the retrained reference (0 = the "
+                                    "original's; fewer give a cheaper, weaker reference)."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE for any audit setting."),
     as_json: bool = typer.Option(False, "--json", help="Print table, verdicts and files as JSON."),
     settings: AuditSettings = None,

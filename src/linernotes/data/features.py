@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from linernotes.artifacts import atomic_path, hash_json, read_json, write_json
+from linernotes.artifacts import atomic_path, hash_json, load_cached, read_json, write_json
 from linernotes.data.manifest import audio_path, manifest_hash
 from linernotes.errors import LinernotesError
 
@@ -43,6 +43,10 @@ class FeatureStore:
         self.values = np.load(root / "values.npy", mmap_mode="r")
         self.mask = np.load(root / "mask.npy", mmap_mode="r")
         self.stats = encoder.load_stats(read_json(root / "stats.json"))
+        shape = (len(self.track_ids), *encoder.shape)
+        if self.values.shape != shape or self.mask.shape != shape[:2]:
+            raise ValueError(f"holds {self.values.shape} values and {self.mask.shape} masks, "
+                             f"not {shape}")
 
     def index_of(self, track_ids: list[str]) -> np.ndarray:
         missing = [t for t in track_ids if t not in self._index]
@@ -68,17 +72,41 @@ class FeatureStore:
         key = hash_json({"manifest": manifest_hash(manifest), "encoder": encoder.cache_key()})
         base = Path(cache_dir) if cache_dir else Path(manifest.attrs.get("root", ".")) / "cache"
         root = base / f"features-{key}"
-        if not (root / "meta.json").exists():
-            _build(root, manifest, encoder, workers, progress, chunk)
-        meta = read_json(root / "meta.json")
-        if meta.get("key") != key:
-            raise LinernotesError(f"Feature cache {root} is inconsistent; delete it and re-run.")
+        meta = root / "meta.json"
+        if meta.exists():  # finished before
+            if load_cached(meta, lambda p: _check_key(p, key)) is not None:
+                store = load_cached(root / "values.npy", lambda _: cls(root, manifest, encoder))
+                if store is not None:
+                    return store
+            _clear(root)  # a damaged finished cache: encode again
+        _build(root, manifest, encoder, workers, progress, chunk)
         return cls(root, manifest, encoder)
+
+
+def _check_key(path: Path, key: str) -> bool:
+    if read_json(path).get("key") != key:
+        raise ValueError(f"is not the meta of feature cache {key}")
+    return True
+
+
+def _clear(root: Path) -> None:
+    for name in ("meta.json", "stats.json", "done.npy", "values.npy", "mask.npy"):
+        (root / name).unlink(missing_ok=True)
 
 
 def _encode(args: tuple) -> tuple[np.ndarray, int]:
     path, encoder = args
     return encoder.encode_file(path)
+
+
+def _open_partial(root: Path, shape: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(done, values, mask) of a build in progress, the memory maps writable."""
+    done = np.load(root / "done.npy")
+    values = np.load(root / "values.npy", mmap_mode="r+")
+    mask = np.load(root / "mask.npy", mmap_mode="r+")
+    if done.shape != shape[:1] or values.shape != shape or mask.shape != shape[:2]:
+        raise ValueError(f"holds {values.shape} values, not {shape}")
+    return done, values, mask
 
 
 def _build(root: Path, manifest: pd.DataFrame, encoder, workers, progress, chunk):
@@ -95,13 +123,14 @@ def _build(root: Path, manifest: pd.DataFrame, encoder, workers, progress, chunk
             "rebuild or re-import the corpus."
         )
     values_path, mask_path, done_path = root / "values.npy", root / "mask.npy", root / "done.npy"
-    if not done_path.exists():
+    opened = load_cached(done_path, lambda p: _open_partial(root, shape))
+    if opened is None:  # a new build, or a damaged partial one: start from nothing
         np.lib.format.open_memmap(values_path, mode="w+", dtype=np.float32, shape=shape).flush()
         np.lib.format.open_memmap(mask_path, mode="w+", dtype=bool, shape=shape[:2]).flush()
-        np.save(done_path, np.zeros(n, dtype=bool))
-    done = np.load(done_path)
-    values = np.load(values_path, mmap_mode="r+")
-    mask = np.load(mask_path, mmap_mode="r+")
+        with atomic_path(done_path) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.zeros(n, dtype=bool))
+        opened = _open_partial(root, shape)
+    done, values, mask = opened
     todo = np.flatnonzero(~done)
     workers = workers or os.cpu_count() or 1
     batched = getattr(encoder, "encode_files", None)

@@ -79,7 +79,10 @@ class AuditSettings(Settings):
                                      "resemblance to the artist that may remain.")
 
     def validate(self) -> None:
-        require(self.score_timesteps >= 1, "score_timesteps must be >= 1.")
+        require(self.score_timesteps >= 1 and self.score_stride >= 1,
+                "score_timesteps and score_stride must be >= 1.")
+        require(self.guidance >= 0 and self.griffin_lim_iters >= 1,
+                "guidance must be >= 0 and griffin_lim_iters >= 1.")
         require(self.score_stride * (self.score_timesteps - 1) < 1000,
                 "score_timesteps x score_stride must fit in 1000.")
         require(self.max_retain >= 0 and self.min_artist_holdout >= 1, "bad track counts.")

@@ -48,7 +48,8 @@ class EvalDraws(Settings):
     batch_size: int = setting(40, "Draws per forward.")
 
     def validate(self) -> None:
-        require(self.timesteps >= 1 and self.noises >= 1, "timesteps and noises must be >= 1.")
+        require(min(self.timesteps, self.noises, self.stride) >= 1,
+                "timesteps, noises and stride must be >= 1.")
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1, "batch_size must be >= 1.")
 

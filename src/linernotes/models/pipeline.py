@@ -31,7 +31,7 @@ class GenerateSettings(Settings):
         require(self.steps >= 1, "steps must be >= 1.")
         require(self.guidance >= 0, "guidance must be >= 0.")
         require(self.sampler in ("dpm", "ddim"), "sampler must be 'dpm' or 'ddim'.")
-        require(self.seconds is None or self.seconds > 0, "seconds must be > 0.")
+        require(self.seconds is None or 0 < self.seconds <= 600, "seconds must be in (0, 600].")
         require(self.griffin_lim_iters >= 1 and self.batch_size >= 1, "iters/batch must be >= 1.")
 
 

@@ -72,7 +72,7 @@ class ReferenceRecipe(Settings):
     clap: str = setting("", "Reuse a trained CLAP folder instead of training one.")
 
     def validate(self) -> None:
-        require(self.seconds > 0, "seconds must be > 0.")
+        require(0 < self.seconds <= 600, "seconds must be in (0, 600].")
         require(self.clap_steps >= 1, "clap_steps must be >= 1.")
 
 

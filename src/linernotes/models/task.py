@@ -61,10 +61,10 @@ class ReferenceTask(Task):
     @torch.inference_mode(False)
     @torch.no_grad()
     def _fill_text_cache(self, todo: list[str], max_words: int) -> None:
-        emb = self.clap.embed_text(todo).float().cpu()  # cached on the CPU, moved per batch
-        words, wmask = self.clap.text.tokens(todo, max_words)
-        for i, c in enumerate(todo):
-            self._text_cache[(c, max_words)] = (emb[i], words[i], wmask[i])
+        for c in todo:  # one at a time: a caption's condition must not depend on its batch
+            emb = self.clap.embed_text([c]).float().cpu()  # cached on the CPU, moved per batch
+            words, wmask = self.clap.text.tokens([c], max_words)
+            self._text_cache[(c, max_words)] = (emb[0], words[0], wmask[0])
 
     def condition(self, model: nn.Module, batch: dict) -> dict:
         """The conditioning dict the denoiser expects, for a Task batch (on the model's device)."""

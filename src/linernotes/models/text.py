@@ -1,7 +1,9 @@
 """Frozen sentence encoder (all-MiniLM-L6-v2, shipped as a Python package): never touches the net.
 
 Gives sentence embeddings (B, 384) and token-level features (B, L, 384) with a mask, cached per
-caption string (captions repeat a lot in a corpus).
+caption string (captions repeat a lot in a corpus). Each caption is encoded alone, so its features
+do not depend on which captions were encoded with it (a batch's padding and size change the last
+bits): a resumed run equals an uninterrupted one. At the demo's size that costs 1.17x batched.
 """
 
 from __future__ import annotations
@@ -71,16 +73,14 @@ class TextEncoder:
             return
         model = self.model
         prep = getattr(model, "preprocess", None) or model.tokenize
-        for start in range(0, len(todo), 64):
-            chunk = todo[start : start + 64]
-            feats = prep(chunk)
+        for cap in todo:  # one at a time: a batch's padding and size change the last bits
+            feats = prep([cap])
             feats = {k: v for k, v in feats.items() if isinstance(v, torch.Tensor)}
             with torch.no_grad():
                 out = model(feats)
             mask = feats["attention_mask"].bool()
-            for i, cap in enumerate(chunk):
-                self._sentence[cap] = out["sentence_embedding"][i].float().clone()
-                self._tokens[cap] = out["token_embeddings"][i][mask[i]].float().clone()
+            self._sentence[cap] = out["sentence_embedding"][0].float().clone()
+            self._tokens[cap] = out["token_embeddings"][0][mask[0]].float().clone()
 
     def sentence(self, captions: list[str]) -> torch.Tensor:
         """L2-normalised sentence embeddings (B, 384)."""

@@ -25,8 +25,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from linernotes import device
-from linernotes.artifacts import hash_json, read_json, write_json
+from linernotes import device, distributed
+from linernotes.artifacts import hash_json, load_cached, read_json, write_json
 from linernotes.curvature import Fisher, FisherSettings, compute_fisher
 from linernotes.data.dataset import TrackDataset, split_rows
 from linernotes.data.manifest import manifest_hash, positions, read_manifest
@@ -174,16 +174,25 @@ class Run(Layout):
         return store, TrackDataset(store, manifest, positions(manifest, ids)), ids
 
     def fisher(self, manifest: pd.DataFrame, settings: FisherSettings,
-               progress: bool = True) -> Fisher:
+               progress: bool = True, force: bool = False) -> Fisher:
         """The run's diagonal Fisher for `settings`: read from `fisher/`, or computed over the
-        training set and saved there."""
+        training set and saved there (`force`: computed again). A file there that cannot be
+        read, or that was made for another run, is computed again in its place; a killed
+        computation resumes from its checkpoint."""
         path = self.fisher_path(settings)
-        if path.exists():
-            return Fisher.load(path, run_hash=self.hash)
+        if not force:
+            fisher = load_cached(path, lambda p: Fisher.load(p, run_hash=self.hash))
+            if fisher is not None:
+                return fisher
         _, train, _ = self.train_set(manifest, progress)
+        partial = path.with_name(f".{path.stem}.partial-{distributed.rank()}-of-"
+                                 f"{distributed.world_size()}.safetensors")
         fisher = compute_fisher(self.task, self.model, train, settings, self.hash,
-                                progress=progress)
-        fisher.save(path)
+                                progress=progress, checkpoint=partial)
+        if distributed.rank() == 0:
+            fisher.save(path)
+        distributed.barrier()
+        partial.unlink(missing_ok=True)
         return fisher
 
     # ---------------------------------------------------------------- derived runs
