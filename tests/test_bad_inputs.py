@@ -3,6 +3,7 @@ cache is recomputed, never a crash."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -221,3 +222,16 @@ def test_a_nan_clip_is_refused_by_every_kind_of_method(tiny, tmp_path):
         with pytest.raises(LinernotesError, match="(?i)nan|not finite|non-finite"):
             attribute_run(run, manifest, [str(clip)], tmp_path / method, method=method,
                           progress=False)
+
+
+def test_a_clip_written_to_a_named_wav_has_a_sidecar_naming_it(tiny, tmp_path):
+    from linernotes.clips import load_clip
+
+    out = tmp_path / "clip-0.wav"
+    res = CliRunner().invoke(app, ["generate", "a tune", "--run", str(tiny["run"].path),
+                                   "-o", str(out), "--set", "steps=2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["audio"] == "clip-0.wav" and meta["latent"] == "clip-0.npy"
+    assert (tmp_path / meta["audio"]).exists() and not list(tmp_path.glob("*-s0.*"))
+    assert load_clip(out).meta["id"]

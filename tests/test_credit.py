@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,12 @@ def test_report_shows_credit_by_artist(setup, tmp_path):
     assert "Credit by artist, by unlearning each artist (newton)" in html
     for g in ("Alpha", "Beta", "Gamma"):
         assert f'data-group="{g}"' in html
+    # a baseline that never touches the model is not described as unlearning
+    similar = table.assign(method="clap-centroid")
+    index = build_report(tmp_path / "r1", [path], df, top_k=2, credit=[similar])
+    html = unescape(next((index.parent / "queries").glob(f"{q.key}-*.html")).read_text())
+    assert "by similarity to each artist's training audio (clap-centroid)" in html
+    assert "unlearn" not in html.split('id="group-credit-1"')[1].split("</table>")[0]
     other = table.assign(query="nobody")
     with pytest.raises(LinernotesError, match="no score table"):
         build_report(tmp_path / "r2", [path], df, top_k=2, credit=[other])

@@ -30,6 +30,31 @@ def positive_shares(scores: Sequence[float]) -> np.ndarray:
     return s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / max(len(s), 1))
 
 
+def describe(method: str, by: str) -> dict[str, str]:
+    """How a credit method's scores were made, in words: {how, caption, score} for the report.
+
+    Group unlearning methods and LOGO change the model; `clap-centroid` and `<m>-sum` do not,
+    and must not be described as if they did.
+    """
+    share = f"Share of this clip's credit per {by}: "
+    if method == "clap-centroid":
+        return {"how": f"by similarity to each {by}'s training audio ({method})",
+                "caption": share + "the cosine of the clip's CLAP audio embedding with the "
+                f"centroid of each {by}'s training audio; the model is not used. Negative "
+                "similarities count as none.", "score": "Similarity"}
+    if method.endswith("-sum"):
+        return {"how": f"by summing each {by}'s per-track scores ({method})",
+                "caption": share + f"the clip's per-track {method[:-4]} scores summed over each "
+                f"{by}'s tracks, negative sums counted as none.", "score": "Summed score"}
+    if method == "logo":
+        return {"how": f"by retraining without each {by} (logo)",
+                "caption": share + f"the clip's loss increase under the model retrained without "
+                f"the {by}, negative increases counted as none.", "score": "Loss change"}
+    return {"how": f"by unlearning each {by} ({method})",
+            "caption": share + f"the clip's loss increase when the {by} is unlearned from the "
+            f"model ({method}), negative increases counted as none.", "score": "Loss change"}
+
+
 def credit_table(
     query: str, method: str, by: str, scores: Mapping[str, float], n_tracks: Mapping[str, int],
     elbo: Mapping[str, float] | None = None, **extra: Mapping[str, float],

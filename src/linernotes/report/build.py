@@ -372,7 +372,9 @@ def _query_page(
 
 
 def _group_credit(tables: Sequence[pd.DataFrame], queries: Mapping) -> dict[str, list[dict]]:
-    """Group credit panels per query: {query: [{method, by, rows}]}, rows ranked."""
+    """Group credit panels per query: {query: [{method, by, how, caption, score, rows}]}."""
+    from linernotes.credit.tables import describe  # credit.tables uses report.normalise
+
     out: dict[str, list[dict]] = {}
     for t in tables:
         missing = [c for c in ("query", "method", "by", "group", "rank", "score", "share")
@@ -385,8 +387,9 @@ def _group_credit(tables: Sequence[pd.DataFrame], queries: Mapping) -> dict[str,
             raise LinernotesError(f"A credit table is for query {q!r}, which has no score table "
                                   "among the report's inputs; attribute it too or drop it.")
         rows = t.sort_values(["rank", "group"], kind="stable")
+        method, by = str(t["method"].iloc[0]), str(t["by"].iloc[0])
         out.setdefault(q, []).append({
-            "method": str(t["method"].iloc[0]), "by": str(t["by"].iloc[0]),
+            "method": method, "by": by, **describe(method, by),
             "rows": [{"group": str(r.group), "rank": int(r.rank), "score": float(r.score),
                       "share": float(r.share)} for r in rows.itertuples()],
         })
