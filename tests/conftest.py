@@ -68,3 +68,23 @@ def make_tiny_run(root: Path, n_per_artist: int = 5, steps: int = 4):
         progress=False,
     )
     return run, manifest
+
+
+def make_tiny_musicgen(folder: Path, sample_rate: int = 8000, channels: int = 1) -> Path:
+    """A tiny random `MusicgenForConditionalGeneration` of the real classes (tiny T5, EnCodec
+    and decoder; 2 codebooks per channel of 64 codes at 50 frames/s) with a word-level tokenizer
+    over the tone corpus's captions, saved with `save_pretrained` as a user's folder would be."""
+    from linernotes.models.musicgen.shaped import save_random_musicgen
+
+    words = [*" ".join(TITLES).split(), "a", "tune", "by", "alpha", "beta", "gamma", "played",
+             "on", "sine", "at", "slow", "fast", "tempo", ","]
+    # 64 codes at 50 frames/s: 300 bit/s per codebook, so 0.6 kbit/s gives 2 codebooks
+    return save_random_musicgen(
+        folder, words,
+        text=dict(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8),
+        codec=dict(sampling_rate=sample_rate, num_filters=4, hidden_size=16, codebook_size=64,
+                   codebook_dim=16, upsampling_ratios=[8, 5, 4], num_lstm_layers=1,
+                   target_bandwidths=[0.6]),
+        decoder=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                     num_codebooks=2 * channels, vocab_size=64, max_position_embeddings=256),
+        channels=channels)

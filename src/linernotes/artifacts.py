@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -111,3 +112,21 @@ def fingerprint_tree(root: str | Path) -> str:
     root = Path(root)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return hash_json([[str(p.relative_to(root)), fingerprint_file(p)] for p in files])
+
+
+def link_tree(src: str | Path, dst: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Every file under `src` at the same place under `dst`, hard-linked (copied when a link is
+    impossible); top-level entries named in `skip` are left out; files already there are kept."""
+    src, dst = Path(src), Path(dst)
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if rel.parts[0] in skip or not path.is_file():
+            continue
+        target = dst / rel
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError:
+            shutil.copy2(path, target)

@@ -1,8 +1,10 @@
 """The Task contract: the one way every method (training, Fisher, unlearning, baselines, opt-out)
 talks to a model.
 
-A Task returns **one diffusion loss per sample** for a batch, with the timesteps and noise given by
-the caller and the padding mask applied or not as asked. Nothing outside a Task knows what a DiT is.
+A Task returns **one loss per sample** for a batch: a diffusion loss at the timesteps and noise
+given by the caller, or a loss without random draws (an autoregressive model's next-token
+cross-entropy: `deterministic`, the draws are ignored and one draw is its value), with the padding
+mask applied or not as asked. Nothing outside a Task knows what a DiT or a codebook is.
 
 Common random numbers: `draw_noise` derives each sample's timesteps and noise from
 (the sample's key, the draw index, a seed) - never from its position in a batch - so a sample sees
@@ -22,7 +24,7 @@ from torch import nn
 from linernotes.errors import LinernotesError
 
 #: Parameter groups addressable by name (the music paper's grid); see `Task.parameter_names`.
-PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "self_attn", "transformer", "all")
+PARAM_GROUPS = ("cross_attn_kv", "cross_attn", "self_attn", "ffn", "transformer", "all")
 #: The range of a random diffusion time t, by default (`Task.random_draws`, `draw_noise`).
 T_RANGE = (1e-3, 1.0 - 1e-3)
 
@@ -35,6 +37,9 @@ class Task(abc.ABC):
 
     #: shape of one sample's latent (what the noise has), frames first: (n_frames, ...)
     latent_shape: tuple[int, ...]
+    #: True when the loss has no random draws (t and noise are ignored): averaging draws then
+    #: computes it once (`loss_at_draws`)
+    deterministic: bool = False
 
     @abc.abstractmethod
     def per_sample_loss(
@@ -174,8 +179,11 @@ def loss_at_draws(
     noise: torch.Tensor,
     mask_padding: bool = False,
 ) -> torch.Tensor:
-    """Per-sample loss averaged over D draws: t (B, D), noise (B, D, ...) -> (B,)."""
+    """Per-sample loss averaged over D draws: t (B, D), noise (B, D, ...) -> (B,). A
+    deterministic Task's loss is computed once, whatever D."""
     b, d = t.shape
+    if task.deterministic:
+        return task.per_sample_loss(model, batch, t[:, 0], noise[:, 0], mask_padding)
     flat = expand_draws(batch, d)
     losses = task.per_sample_loss(
         model, flat, t.reshape(b * d), noise.reshape(b * d, *noise.shape[2:]), mask_padding

@@ -97,8 +97,9 @@ def corpus_import(
 @on_device
 @with_settings(Options("given", INIT_FAMILY.recipe_settings, overrides=True))
 def init(
-    model: Path = typer.Option(..., "--model", help="Your model's folder (a diffusers "
-                               "StableAudioPipeline folder, with model_index.json)."),
+    model: Path = typer.Option(..., "--model", help="Your model's folder: a diffusers "
+                               "StableAudioPipeline folder (with model_index.json) or a "
+                               "transformers MusicGen folder (with its tokenizer)."),
     corpus: Path = typer.Option(Path("corpus"), help="Corpus folder (manifest.parquet)."),
     out: Path = typer.Option(Path("run"), "--out", "-o", help="Run folder."),
     given: dict = None,
@@ -109,7 +110,7 @@ def init(
     cls = recognise(model)
     run = cls.init_run(model, read_corpus(corpus), out, cls.recipe_settings.from_dict(given))
     g = run.config["features"]
-    typer.echo(f"Run {run.hash} ({cls.name}) at {run.path}: {g['n_frames']} latent frames "
+    typer.echo(f"Run {run.hash} ({cls.name}) at {run.path}: {g['n_frames']} frames "
                f"({g['seconds']:.2f} s) per track. Fine-tune it on the corpus with `linernotes "
                f"train --base {run.path} -o RUN2`, or attribute against it as it is.")
 

@@ -28,6 +28,19 @@ from linernotes.data.manifest import audio_path, manifest_hash
 from linernotes.errors import LinernotesError
 
 
+class Unnormalised:
+    """Features used as they are (a latent or codes): an encoder's "stats" without
+    normalisation."""
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, dtype=np.float32)  # a writable copy (the store's are memory-mapped)
+
+    denormalise = normalise
+
+    def to_dict(self) -> dict:
+        return {}
+
+
 class FeatureStore:
     """The cached features of every track of a manifest, in manifest order (memory-mapped).
 

@@ -29,7 +29,8 @@ from linernotes.registry import Registry
 from linernotes.task import Task
 
 #: Modules holding the built-in families (imported when a family is looked up by name).
-FAMILY_MODULES = ("linernotes.models.reference", "linernotes.models.stable_audio.family")
+FAMILY_MODULES = ("linernotes.models.reference", "linernotes.models.stable_audio.family",
+                  "linernotes.models.musicgen.family")
 #: The family of runs whose config names none (runs made before families existed).
 DEFAULT_FAMILY = "reference"
 
@@ -184,7 +185,8 @@ def recognise(path: str | Path) -> type[Family]:
             return cls
     raise LinernotesError(f"{path} is {describe_folder(path)}. `linernotes init` takes a model "
                           "folder of a family it knows: a diffusers StableAudioPipeline folder "
-                          "(with model_index.json).")
+                          "(with model_index.json) or a transformers MusicGen folder "
+                          "(MusicgenForConditionalGeneration, with its tokenizer).")
 
 
 def describe_folder(path: Path) -> str:

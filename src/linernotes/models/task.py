@@ -22,6 +22,7 @@ _GROUP_PATTERNS = {
     "cross_attn_kv": (".attn2.to_k.weight", ".attn2.to_v.weight"),
     "cross_attn": (".attn2.",),
     "self_attn": (".attn1.",),
+    "ffn": (".ff.",),
 }
 
 
@@ -121,7 +122,7 @@ class ReferenceTask(Task):
         return alpha_sigma(t)
 
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:
-        """Parameter names of a group: cross_attn_kv, cross_attn, self_attn, transformer, all.
+        """Parameter names of a group: cross_attn_kv, cross_attn, self_attn, ffn, transformer, all.
 
         Independent of `requires_grad` flags (callers may freeze parameters temporarily); "all" is
         every parameter but the model's `fixed_parameters` (never trained).

@@ -29,32 +29,19 @@ import torch
 from torch import nn
 
 from linernotes import device
-from linernotes.artifacts import fingerprint_file, fingerprint_tree, hash_json
+from linernotes.artifacts import fingerprint_file, fingerprint_tree, link_tree
 from linernotes.config import Settings, require, setting
 from linernotes.data.audio import mono
-from linernotes.data.dataset import TrackDataset
 from linernotes.data.descriptors import chroma_mfcc
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
-from linernotes.models.family import Family, register
-from linernotes.models.stable_audio.folder import (
-    COMPONENTS,
-    check_pipeline,
-    is_pipeline,
-    link_tree,
-)
+from linernotes.models.family import register
+from linernotes.models.pretrained import PretrainedFamily
+from linernotes.models.stable_audio.folder import COMPONENTS, check_pipeline, is_pipeline
 from linernotes.models.stable_audio.latents import VaeLatents
 from linernotes.models.stable_audio.task import StableAudioTask
 from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
-from linernotes.training import (
-    CHECKPOINT,
-    DiffusionLoss,
-    StepBatches,
-    TrainSettings,
-    ema_state_dict,
-    fit,
-    training_rows,
-)
+from linernotes.training import TrainSettings
 
 PIPELINE = "pipeline"
 BASE = "base"
@@ -134,7 +121,7 @@ def _weights_hash(folder: Path) -> str:
 
 
 @register
-class StableAudioFamily(Family):
+class StableAudioFamily(PretrainedFamily):
     """A StableAudioPipeline of a run folder: the DiT (`model`), its Task (the frozen T5,
     tokenizer and projection model live there), the VAE and the scheduler."""
 
@@ -229,43 +216,6 @@ class StableAudioFamily(Family):
         saved.save_pretrained(str(target), safe_serialization=True)
         return self.entries(path)
 
-    def finetune(self, manifest: pd.DataFrame, out: str | Path, settings: TrainSettings,
-                 progress: bool = True, start: nn.Module | None = None) -> Run:
-        """The DiT (or `start`) fine-tuned on `manifest`'s training split with `settings`, as a
-        new run in `out` (resumes an interrupted fine-tune; a finished one is loaded)."""
-        from linernotes.data.manifest import manifest_hash
-
-        out = Path(out)
-        if out.resolve() == self.path.resolve():
-            raise LinernotesError("A fine-tune goes to a new folder, not over its base run.")
-        if Layout(out).is_run:
-            run = load_run(out, manifest=manifest)
-            if TrainSettings.from_dict(run.config["train"]) != settings:
-                raise LinernotesError(f"{out} already holds a run fine-tuned with other "
-                                      "settings; choose another folder or delete it.")
-            return run
-        store = self.feature_store(manifest, progress)
-        model = copy.deepcopy(start if start is not None else self.model).to(device.current())
-        data = StepBatches(TrackDataset(store, manifest, training_rows(manifest, settings)),
-                           settings.batch_size, settings.seed)
-        loss = DiffusionLoss(settings.seed, settings.n_draws, settings.cond_dropout,
-                             settings.mask_padding)
-        key = hash_json({"manifest": manifest_hash(manifest), "start": self.recipe_key()
-                         if start is not None else self.config["weights_hash"]})
-        result = fit(model, data, loss, settings, out_dir=out, task=self.task,
-                     params=self.task.parameter_names(model, settings.param_group), key=key,
-                     progress=progress, desc="fine-tune")
-        model.load_state_dict(ema_state_dict(model, result.ema))
-        losses = result.losses[-50:]
-        meta = {"train": settings.to_dict(), "settings_hash": settings.hash(),
-                "manifest_hash": manifest_hash(manifest), "steps": result.steps,
-                "final_loss": float(np.mean(losses)) if losses else None,
-                "finetuned_from": self.config["hash"]}
-        write_config(out, self.name, self.save(out, model), meta)
-        if not settings.keep_checkpoint:
-            (out / CHECKPOINT).unlink(missing_ok=True)
-        return load_run(out, manifest=manifest)
-
     def recipe_key(self) -> dict:
         return {"base": self.config["base_hash"], "components": self.config["components"],
                 "features": self.geometry}
@@ -277,16 +227,6 @@ class StableAudioFamily(Family):
         return StableAudioDiTModel.from_pretrained(str(self.path / BASE / "transformer"),
                                                    local_files_only=True,
                                                    torch_dtype=torch.float32)
-
-    def retrain(self, manifest: pd.DataFrame, folder: Path, settings: TrainSettings,
-                progress: bool = True) -> Path:
-        if not self.config.get("train", {}).get("steps"):
-            raise LinernotesError(
-                f"{self.path} is the pretrained model as it was given, not a fine-tune made here, "
-                "so linernotes cannot retrain it without some tracks. Fine-tune it on your corpus "
-                "(`linernotes train --base RUN`) and evaluate the fine-tune.")
-        self.finetune(manifest, folder, settings, progress, start=self.base_model())
-        return Path(folder)
 
     def untrained(self, seed: int) -> nn.Module:
         from diffusers import StableAudioDiTModel

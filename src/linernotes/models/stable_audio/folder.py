@@ -10,8 +10,6 @@ are hard links (copies across file systems), so a run costs the disk space of wh
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from linernotes.errors import LinernotesError
@@ -39,21 +37,3 @@ def check_pipeline(path: str | Path) -> None:
         raise LinernotesError(f"{path} is a StableAudioPipeline folder without "
                               f"{', '.join(missing)}; give the complete folder "
                               "(`StableAudioPipeline.save_pretrained` writes one).")
-
-
-def link_tree(src: str | Path, dst: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """Every file under `src` at the same place under `dst`, hard-linked (copied when a link is
-    impossible); top-level entries named in `skip` are left out; files already there are kept."""
-    src, dst = Path(src), Path(dst)
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        if rel.parts[0] in skip or not path.is_file():
-            continue
-        target = dst / rel
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:
-            shutil.copy2(path, target)

@@ -19,18 +19,7 @@ import torch
 
 from linernotes import device
 from linernotes.data.audio import load_audio
-
-
-class Unnormalised:
-    """Features used as they are: the store's "stats" for latents."""
-
-    def normalise(self, x: np.ndarray) -> np.ndarray:
-        return np.array(x, dtype=np.float32)  # a writable copy (the store's are memory-mapped)
-
-    denormalise = normalise
-
-    def to_dict(self) -> dict:
-        return {}
+from linernotes.data.features import Unnormalised
 
 
 class VaeLatents:

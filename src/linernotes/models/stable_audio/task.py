@@ -33,6 +33,7 @@ _GROUPS = {
     "cross_attn_kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,
     "cross_attn": lambda n: ".attn2." in n,
     "self_attn": lambda n: ".attn1." in n,
+    "ffn": lambda n: ".ff." in n,
     "transformer": lambda n: n.startswith("transformer_blocks."),
     "all": lambda n: True,
 }

@@ -1,0 +1,1 @@
+"""The musicgen family: a user's transformers MusicGen folder (and its fine-tunes)."""

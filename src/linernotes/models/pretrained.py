@@ -1,0 +1,88 @@
+"""What families of a user's pretrained model folder share: fine-tuning and retraining.
+
+A pretrained family (stable-audio, musicgen) is made a run by `linernotes init` and fine-tuned
+by `linernotes train --base`. The fine-tune is the realistic case whose credits and opt-outs are
+checked: a retrain without some tracks fine-tunes the same starting weights again (`base_model`),
+never the pretrained model from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from linernotes import device
+from linernotes.artifacts import hash_json
+from linernotes.data.dataset import TrackDataset
+from linernotes.errors import LinernotesError
+from linernotes.models.family import Family
+from linernotes.run.folder import Layout, Run, load_run, write_config
+from linernotes.training import (
+    CHECKPOINT,
+    DiffusionLoss,
+    StepBatches,
+    TrainSettings,
+    ema_state_dict,
+    fit,
+    training_rows,
+)
+
+
+class PretrainedFamily(Family):
+    """A family whose runs start from a user's model folder; subclasses give `base_model` (the
+    weights fine-tunes start from) and `save`."""
+
+    def base_model(self) -> nn.Module:
+        """The model this run's fine-tunes start from."""
+        raise NotImplementedError
+
+    def finetune(self, manifest: pd.DataFrame, out: str | Path, settings: TrainSettings,
+                 progress: bool = True, start: nn.Module | None = None) -> Run:
+        """The model (or `start`) fine-tuned on `manifest`'s training split with `settings`, as
+        a new run in `out` (resumes an interrupted fine-tune; a finished one is loaded)."""
+        from linernotes.data.manifest import manifest_hash
+
+        out = Path(out)
+        if out.resolve() == self.path.resolve():
+            raise LinernotesError("A fine-tune goes to a new folder, not over its base run.")
+        if Layout(out).is_run:
+            run = load_run(out, manifest=manifest)
+            if TrainSettings.from_dict(run.config["train"]) != settings:
+                raise LinernotesError(f"{out} already holds a run fine-tuned with other "
+                                      "settings; choose another folder or delete it.")
+            return run
+        store = self.feature_store(manifest, progress)
+        model = copy.deepcopy(start if start is not None else self.model).to(device.current())
+        data = StepBatches(TrackDataset(store, manifest, training_rows(manifest, settings)),
+                           settings.batch_size, settings.seed)
+        loss = DiffusionLoss(settings.seed, settings.n_draws, settings.cond_dropout,
+                             settings.mask_padding)
+        key = hash_json({"manifest": manifest_hash(manifest), "start": self.recipe_key()
+                         if start is not None else self.config["weights_hash"]})
+        result = fit(model, data, loss, settings, out_dir=out, task=self.task,
+                     params=self.task.parameter_names(model, settings.param_group), key=key,
+                     progress=progress, desc="fine-tune")
+        model.load_state_dict(ema_state_dict(model, result.ema))
+        losses = result.losses[-50:]
+        meta = {"train": settings.to_dict(), "settings_hash": settings.hash(),
+                "manifest_hash": manifest_hash(manifest), "steps": result.steps,
+                "final_loss": float(np.mean(losses)) if losses else None,
+                "finetuned_from": self.config["hash"]}
+        write_config(out, self.name, self.save(out, model), meta)
+        if not settings.keep_checkpoint:
+            (out / CHECKPOINT).unlink(missing_ok=True)
+        return load_run(out, manifest=manifest)
+
+    def retrain(self, manifest: pd.DataFrame, folder: Path, settings: TrainSettings,
+                progress: bool = True) -> Path:
+        if not self.config.get("train", {}).get("steps"):
+            raise LinernotesError(
+                f"{self.path} is the pretrained model as it was given, not a fine-tune made here, "
+                "so linernotes cannot retrain it without some tracks. Fine-tune it on your corpus "
+                "(`linernotes train --base RUN`) and evaluate the fine-tune.")
+        self.finetune(manifest, folder, settings, progress, start=self.base_model())
+        return Path(folder)
