@@ -192,3 +192,51 @@ def test_a_musicgen_folder_without_a_part_is_refused(tmp_path, mg):
     (folder / "config.json").write_text("{not json")
     with pytest.raises(LinernotesError, match="broken config.json"):
         recognise(folder)
+
+
+def test_a_loss_without_draws_is_computed_once_per_track_everywhere(mg, monkeypatch):
+    from linernotes.curvature import FisherSettings, compute_fisher
+
+    run, manifest = mg["ft"], mg["manifest"]
+    task = run.task
+    seen = []
+    original = task.per_sample_loss
+
+    def counted(model, batch, t, noise, mask_padding=False):
+        seen.append(len(batch["caption"]))
+        return original(model, batch, t, noise, mask_padding)
+
+    monkeypatch.setattr(task, "per_sample_loss", counted)
+    store = run.feature_store(manifest, progress=False)
+    rows = list(range(6))
+    data = TrackDataset(store, manifest, rows)
+    one = compute_fisher(task, run.model, data, FisherSettings(group="cross_attn", draws=4),
+                         run.hash, progress=False)
+    assert sum(seen) == len(rows)  # 6 losses, not 6 x 4
+    seen.clear()
+    single = compute_fisher(task, run.model, data, FisherSettings(group="cross_attn", draws=1),
+                            run.hash, progress=False)
+    for name in one.diag:
+        assert torch.allclose(one.diag[name], single.diag[name])
+    assert sum(seen) == len(rows)
+
+
+@pytest.mark.parametrize("method", ["unlearning-linear", "mucs", "trak", "dtrak", "tracin",
+                                    "fisher-influence", "representer", "chroma-mfcc",
+                                    "lpips-dit"])
+def test_every_attribution_method_finds_a_training_track_on_musicgen(mg, method):
+    from linernotes.attribution.front import attribute_run
+
+    run, manifest, root = mg["ft"], mg["manifest"], mg["root"]
+    (table,) = attribute_run(run, manifest, ["train:alpha-01"], root / f"m-{method}",
+                             method=method, progress=False)
+    assert np.isfinite(table["score"]).all()
+    assert table.loc[table["rank"] == 1, "track_id"].tolist() == ["alpha-01"]
+
+
+def test_a_text_audio_measure_says_musicgen_has_no_text_audio_encoder(mg):
+    from linernotes.attribution.front import attribute_run
+
+    with pytest.raises(LinernotesError, match="no text-audio embedder"):
+        attribute_run(mg["ft"], mg["manifest"], ["train:alpha-01"], mg["root"] / "ct",
+                      method="clap-text", progress=False)

@@ -180,17 +180,18 @@ def compute_fisher(
             acc, count, done = saved
     sub = torch.utils.data.Subset(dataset, order[done:])  # `done` ends a batch: same batches
     loader = DataLoader(sub, batch_size=settings.batch_size, collate_fn=collate)
-    bar = tqdm(total=len(order) * settings.draws, initial=count, desc="fisher",
+    draws = task.draws(settings.draws)
+    bar = tqdm(total=len(order) * draws, initial=count, desc="fisher",
                disable=not progress or distributed.rank() != 0)
     last = time.monotonic()
     with bar, trainable(model, params):
         for batch in loader:
-            t, noise = draw_noise(batch["track_id"], range(settings.draws),
-                                  task.latent_shape, seed=settings.seed)
+            t, noise = draw_noise(batch["track_id"], range(draws), task.latent_shape,
+                                  seed=settings.seed)
             for i in range(len(batch["track_id"])):
                 one = {k: (v[i : i + 1] if isinstance(v, (torch.Tensor, list)) else v)
                        for k, v in batch.items()}
-                for d in range(settings.draws):
+                for d in range(draws):
                     loss = task.per_sample_loss(model, one, t[i, d : d + 1], noise[i, d : d + 1],
                                                 settings.mask_padding)
                     if not torch.isfinite(loss).all():

@@ -73,6 +73,11 @@ class Task(abc.ABC):
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:
         """Names (as in `model.named_parameters()`) of the parameters in `group` (PARAM_GROUPS)."""
 
+    def draws(self, n: int) -> int:
+        """How many of n requested draws are worth taking: n, or 1 for a deterministic loss
+        (every draw would give the same value)."""
+        return 1 if self.deterministic else n
+
     def parameters(self, model: nn.Module, group: str) -> dict[str, nn.Parameter]:
         names = set(self.parameter_names(model, group))
         return {n: p for n, p in model.named_parameters() if n in names}

@@ -285,23 +285,23 @@ class RepresenterAttributor(GradientMethod):
         out = []
         for batch in DataLoader(Subset(self.train, range(lo, hi)), batch_size=s.batch_size,
                                 collate_fn=collate):
-            t, noise = draw_noise(batch["track_id"], range(s.timesteps), self.task.latent_shape,
-                                  seed=s.seed, timesteps=ts)
+            t, noise = draw_noise(batch["track_id"], range(self.task.draws(s.timesteps)),
+                                  self.task.latent_shape, seed=s.seed, timesteps=ts)
             out.append(self._features_of(batch, t, noise, s.mask_train))
         return torch.cat(out).numpy()
 
     def query_features(self, query: Query) -> np.ndarray:
         """(H + C,) features of a query over its random draws."""
         s = self.settings
-        t, noise = draw_noise([query.key], range(s.query_draws), self.task.latent_shape,
-                              seed=s.query_seed)
+        n = self.task.draws(s.query_draws)
+        t, noise = draw_noise([query.key], range(n), self.task.latent_shape, seed=s.query_seed)
         chunk, total = max(s.batch_size * s.timesteps, 1), None
-        for lo in range(0, s.query_draws, chunk):
-            hi = min(s.query_draws, lo + chunk)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
             f = self._features_of(query.batch(1), t[:, lo:hi], noise[:, lo:hi],
                                   s.mask_query)[0] * (hi - lo)
             total = f if total is None else total + f
-        return (total / s.query_draws).numpy()
+        return (total / n).numpy()
 
     def train_features(self) -> np.ndarray:
         """(N, H + C) features of the training tracks, computed once then read from the cache."""

@@ -552,8 +552,8 @@ class GradientFeatures:
                             collate_fn=collate)
         out, buf = [], []
         for batch in loader:
-            t, noise = draw_noise(batch["track_id"], range(s.timesteps), self.task.latent_shape,
-                                  seed=s.seed, timesteps=ts)
+            t, noise = draw_noise(batch["track_id"], range(self.task.draws(s.timesteps)),
+                                  self.task.latent_shape, seed=s.seed, timesteps=ts)
             buf.append(self.engine(batch, t, noise, s.output, s.mask_train))
             if sum(len(b) for b in buf) >= self.block:
                 out.append(self._prepare(torch.cat(buf)))
@@ -591,8 +591,8 @@ class GradientFeatures:
     def query_gradient(self, query: Query) -> torch.Tensor:
         """Raw gradient (P,) of the query's objective over its `query_draws` random draws."""
         s = self.settings
-        t, noise = draw_noise([query.key], range(s.query_draws), self.task.latent_shape,
-                              seed=s.query_seed)
+        t, noise = draw_noise([query.key], range(self.task.draws(s.query_draws)),
+                              self.task.latent_shape, seed=s.query_seed)
         return mean_gradient(self.engine, query.batch(1), t, noise, s.output, s.mask_query,
                              chunk=max(s.batch_size * s.timesteps, 1))
 

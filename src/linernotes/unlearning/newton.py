@@ -59,6 +59,7 @@ def query_gradient(
     draws: int, seed: int, mask: bool, batch_size: int,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """∇ of the query's loss averaged over `draws` draws, and that mean loss."""
+    draws = task.draws(draws)
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     total = 0.0
     for lo in range(0, draws, batch_size):
@@ -77,10 +78,11 @@ def query_gradient(
 @torch.inference_mode()
 def query_loss(task: Task, model: nn.Module, query: Query, s: UnlearnSettings) -> float:
     """The query's loss at `probe_draws` fixed draws (its own seed stream)."""
-    t, noise = draw_noise([query.key], range(s.probe_draws), task.latent_shape, seed=s.seed + 1)
+    n = task.draws(s.probe_draws)
+    t, noise = draw_noise([query.key], range(n), task.latent_shape, seed=s.seed + 1)
     out = []
-    for lo in range(0, s.probe_draws, s.batch_size):
-        hi = min(s.probe_draws, lo + s.batch_size)
+    for lo in range(0, n, s.batch_size):
+        hi = min(n, lo + s.batch_size)
         out.append(task.per_sample_loss(model, query.batch(hi - lo), t[0, lo:hi],
                                         noise[0, lo:hi], s.mask_query))
     return float(torch.cat(out).mean())

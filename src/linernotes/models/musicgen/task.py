@@ -117,6 +117,16 @@ class MusicgenTask(Task):
         per_codebook = (ce * valid).sum(-1) / valid.sum(-1).clamp_min(1)
         return per_codebook.mean(-1)
 
+    def per_sample_output(self, model: nn.Module, batch: dict, t: torch.Tensor,
+                          noise: torch.Tensor) -> torch.Tensor:
+        """D-TRAK's output function: each sample's mean squared logit over its predicted
+        positions and codebooks (B,)."""
+        labels = self.labels(batch, device.of(model))
+        logits = self.logits(model, batch, labels).float()  # (B, K, L, V)
+        valid = (labels.transpose(1, 2) != self.pad).unsqueeze(-1)
+        squared = (logits.pow(2) * valid).sum((1, 2, 3))
+        return squared / (valid.sum((1, 2, 3)) * logits.shape[-1]).clamp_min(1)
+
     def prediction(self, model, batch, t, noise):
         raise LinernotesError(DIFFUSION_ONLY)
 
