@@ -1,4 +1,5 @@
-"""The musicgen family's Task: MusicGen's training loss, one value per sample.
+"""The musicgen family's Task: MusicGen's training loss, one value per sample (and the same loss
+for any decoder over delayed codebooks, `DelayedCodesTask`).
 
 As audiocraft's `MusicGenSolver` trains it and transformers' `MusicgenForCausalLM` computes it
 for `labels`: the track's codes in the delay pattern (`codes.delayed`) are the labels, the decoder
@@ -43,35 +44,32 @@ DIFFUSION_ONLY = ("concept_ablation steers a diffusion model's noise predictions
                   "random_label, grad_diff, ewc, selective_amnesia, salun or mirrored.")
 
 
-class MusicgenTask(Task):
-    """Task of a `MusicgenForConditionalGeneration`; batches hold "features" (B, frames,
-    codebooks) codes as floats, "mask" (B, frames) and "caption"."""
+class DelayedCodesTask(Task):
+    """The next-token cross-entropy of a decoder over parallel codebooks in the delay pattern,
+    one value per sample. Batches hold "features" (B, frames, codebooks) codes as floats, "mask"
+    (B, frames) and "caption". Subclasses give the caption's states (`text`) and the decoder's
+    logits for teacher-forced inputs (`decoder_logits`); parameters are named like
+    `MusicgenForConditionalGeneration`'s (`decoder.model.decoder.layers.<i>...`,
+    `enc_to_dec_proj`)."""
 
     deterministic = True
 
-    def __init__(self, text_encoder, tokenizer, n_frames: int, n_codebooks: int, pad: int,
-                 start: int, max_words: int = 256):
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+    def __init__(self, n_frames: int, n_codebooks: int, pad: int, start: int):
         self.latent_shape = (n_frames, n_codebooks)
-        self.pad, self.start, self.max_words = pad, start, max_words
-        self._text: dict[str, torch.Tensor] = {}
+        self.pad, self.start = pad, start
 
-    def __deepcopy__(self, memo: dict) -> MusicgenTask:
-        return self  # holds only the frozen text encoder and its cache
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
     def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask."""
-        for caption in dict.fromkeys(captions):
-            if caption not in self._text:
-                tok = self.tokenizer([caption], return_tensors="pt", truncation=True,
-                                     max_length=self.max_words)
-                dev = device.of(self.text_encoder)
-                hidden = self.text_encoder(input_ids=tok.input_ids.to(dev),
-                                           attention_mask=tok.attention_mask.to(dev))[0]
-                self._text[caption] = hidden[0].float().cpu()
-        states = [self._text[c] for c in captions]
+        """Text states (B, L, D) of captions, zero-padded to the longest, and their mask."""
+        raise NotImplementedError
+
+    def decoder_logits(self, model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """The model's logits (B * K, L, V) for decoder inputs (B * K, L) and text states."""
+        raise NotImplementedError
+
+    @staticmethod
+    def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) states zero-padded to the longest, and their (B, L) mask."""
         longest = max(len(s) for s in states)
         out = torch.zeros(len(states), longest, states[0].shape[-1])
         mask = torch.zeros(len(states), longest, dtype=torch.long)
@@ -96,10 +94,9 @@ class MusicgenTask(Task):
         b, length, k = labels.shape
         inputs = torch.full_like(labels, self.start)
         inputs[:, 1:] = labels[:, :-1]
-        out = model(encoder_outputs=(hidden,), attention_mask=amask,
-                    decoder_input_ids=inputs.transpose(1, 2).reshape(b * k, length),
-                    return_dict=True)
-        return out.logits.view(b, k, length, -1)
+        out = self.decoder_logits(model, inputs.transpose(1, 2).reshape(b * k, length),
+                                  hidden, amask)
+        return out.view(b, k, length, -1)
 
     # ---------------------------------------------------------------- the Task contract
 
@@ -135,8 +132,40 @@ class MusicgenTask(Task):
 
     def parameter_names(self, model: nn.Module, group: str) -> list[str]:
         """Parameter names of a group of the decoder (`decoder.model.decoder.layers.<i>.
-        self_attn/encoder_attn/fc1/fc2`...); the T5 encoder and EnCodec are never trained."""
+        self_attn/encoder_attn/fc1/fc2`...); text and audio encoders are never trained."""
         if group not in PARAM_GROUPS:
             raise LinernotesError(f"Unknown parameter group '{group}'; use one of {PARAM_GROUPS}.")
         pick, trained = _GROUPS[group], _GROUPS["all"]
         return [n for n, _ in model.named_parameters() if trained(n) and pick(n)]
+
+
+class MusicgenTask(DelayedCodesTask):
+    """Task of a `MusicgenForConditionalGeneration`: T5 states of the caption."""
+
+    def __init__(self, text_encoder, tokenizer, n_frames: int, n_codebooks: int, pad: int,
+                 start: int, max_words: int = 256):
+        super().__init__(n_frames, n_codebooks, pad, start)
+        self.text_encoder, self.tokenizer, self.max_words = text_encoder, tokenizer, max_words
+        self._text: dict[str, torch.Tensor] = {}
+
+    def __deepcopy__(self, memo: dict) -> MusicgenTask:
+        return self  # holds only the frozen text encoder and its cache
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask."""
+        for caption in dict.fromkeys(captions):
+            if caption not in self._text:
+                tok = self.tokenizer([caption], return_tensors="pt", truncation=True,
+                                     max_length=self.max_words)
+                dev = device.of(self.text_encoder)
+                hidden = self.text_encoder(input_ids=tok.input_ids.to(dev),
+                                           attention_mask=tok.attention_mask.to(dev))[0]
+                self._text[caption] = hidden[0].float().cpu()
+        return self.pad_states([self._text[c] for c in captions])
+
+    def decoder_logits(self, model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        return model(encoder_outputs=(hidden,), attention_mask=mask, decoder_input_ids=inputs,
+                     return_dict=True).logits
