@@ -128,11 +128,16 @@ def train(
                               "`linernotes init`) instead of training a reference model."),
     exclude: Path = typer.Option(None, help="File of track ids to leave out (one per line)."),
     duplicate: list[str] = typer.Option(None, help="TRACK_ID:M repeats a track M times."),
+    family: str = typer.Option(DEFAULT_FAMILY, "--family", help="The model trained from scratch: "
+                               "reference (the diffusion model) or ar-reference (MusicGen's "
+                               "architecture over learned tokens)."),
+    sets: list[str] = typer.Option(None, "--set", help="KEY=VALUE: another setting of the "
+                                   "family's recipe (e.g. codebooks=8 for ar-reference)."),
     settings: TrainSettings = None,
     recipe: Settings = None,
 ) -> None:
-    """Train a reference model (CLAP stage, then the DiT), or fine-tune a run with --base;
-    resumes after a kill."""
+    """Train a reference model (CLAP stage, then the DiT; or the autoregressive one with
+    --family ar-reference), or fine-tune a run with --base; resumes after a kill."""
     if settings.steps < 1:
         raise LinernotesError(f"--steps {settings.steps}: training needs at least one step.")
     dups = []
@@ -146,13 +151,18 @@ def train(
     if base is not None:
         from linernotes.run import load_run
 
-        if recipe != FAMILY.recipe_settings():
+        if recipe != FAMILY.recipe_settings() or sets or family != DEFAULT_FAMILY:
             raise LinernotesError("--seconds, --clap-steps, --clap-seed and --clap make a new "
                                   "reference model; a fine-tune (--base) keeps its run's.")
         manifest = read_corpus(corpus)
         run = load_run(base, manifest=manifest).family.finetune(manifest, out, settings)
     else:
-        run = FAMILY.create(read_corpus(corpus), out, settings, recipe)
+        cls = family_class(family)
+        if "create" not in vars(cls):
+            raise LinernotesError(f"--family {family}: the {family} family is not trained from "
+                                  "scratch here; make a run of your model with `linernotes init`.")
+        given = {**recipe.to_dict(), **cls.recipe_settings.overrides(parse_assignments(sets))}
+        run = cls.create(read_corpus(corpus), out, settings, cls.recipe_settings.from_dict(given))
     typer.echo(f"Run {run.hash} at {run.path} (final loss {run.config.get('final_loss'):.4f}).")
 
 

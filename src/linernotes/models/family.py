@@ -30,7 +30,7 @@ from linernotes.task import Task
 
 #: Modules holding the built-in families (imported when a family is looked up by name).
 FAMILY_MODULES = ("linernotes.models.reference", "linernotes.models.stable_audio.family",
-                  "linernotes.models.musicgen.family")
+                  "linernotes.models.musicgen.family", "linernotes.models.ar.family")
 #: The family of runs whose config names none (runs made before families existed).
 DEFAULT_FAMILY = "reference"
 

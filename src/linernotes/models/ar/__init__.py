@@ -1,0 +1,1 @@
+"""The ar-reference family: an autoregressive reference model trained here."""
