@@ -7,6 +7,13 @@ under --work, so an interrupted run resumes where it stopped.
 
     .venv/bin/python benchmarks/optout.py            # full scale (about an hour on 2 cores)
     .venv/bin/python benchmarks/optout.py --quick    # reduced check (about 15 minutes)
+
+The same audit of the autoregressive reference (No Encore's setting: a MusicGen-architecture
+model), into the `optout-ar` section, with an ar-reference run trained on the same corpus:
+
+    linernotes train --family ar-reference --corpus demo/corpus -o demo/ar --seconds 6 \
+        --batch-size 16
+    .venv/bin/python benchmarks/optout.py --corpus demo/corpus --run demo/ar
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
 from linernotes.models.mel import FeatureSettings
 from linernotes.models.reference import train
+from linernotes.run import load_run
 from linernotes.training import TrainSettings
 from linernotes.unlearning.trainer import available_methods, method_settings, optout
 
@@ -88,6 +96,11 @@ def main() -> None:
     parser.add_argument("--artists", nargs="+", default=["J.S. Bach", "O'Neill's Music of Ireland"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="an existing corpus folder instead of building the demo's")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="an existing run (any family) instead of training the reference; "
+                        "a run of another family writes its own section (optout-<family>)")
     parser.add_argument("--basic-pitch", action="store_true",
                         help="add a basic-pitch Fréchet distance (Griffin-Lim per clip: slow)")
     args = parser.parse_args()
@@ -97,19 +110,31 @@ def main() -> None:
         EMBEDDERS["basic_pitch"] = basic_pitch_frames
     scale = QUICK if args.quick else FULL
     work = args.work or ROOT / "runs" / f"bench-optout-{scale.name}"
-    methods = args.methods or sorted(available_methods())
     started = time.perf_counter()
 
-    print(f"== corpus ({scale.corpus_size} excerpts of {DEMO.seconds:g} s)")
-    corpus = build_corpus(work / "corpus", scale.corpus_size, DEMO.seconds, DEMO.seed,
-                          list(DEMO_ARTISTS), progress=False)
-    manifest = corpus.manifest_path
+    if args.corpus:
+        manifest = args.corpus / "manifest.parquet"
+    else:
+        print(f"== corpus ({scale.corpus_size} excerpts of {DEMO.seconds:g} s)")
+        corpus = build_corpus(work / "corpus", scale.corpus_size, DEMO.seconds, DEMO.seed,
+                              list(DEMO_ARTISTS), progress=False)
+        manifest = corpus.manifest_path
     print("== model")
     t0 = time.perf_counter()
-    run = train(manifest, work / "run", scale.train, DenoiserConfig(), FEATURES,
-                clap_settings=scale.clap)
+    if args.run:
+        run = load_run(args.run)
+    else:
+        run = train(manifest, work / "run", scale.train, DenoiserConfig(), FEATURES,
+                    clap_settings=scale.clap)
     loss = run.config["final_loss"]
     print(f"   {time.perf_counter() - t0:.0f} s (~0 if cached); final loss {loss:.4f}")
+    family = run.family.name
+    section = "optout" if family == "reference" else f"optout-{family}"
+    # methods that steer a diffusion model's noise prediction do not apply to other families
+    diffusion_only = {"concept_ablation", "siss"} if run.task.deterministic else set()
+    methods = args.methods or sorted(set(available_methods()) - diffusion_only)
+    if args.run:
+        work = work / f"{family}-{run.hash}"
 
     sections = []
     for artist in args.artists:
@@ -132,12 +157,17 @@ def main() -> None:
                         + "\n\n" + result.markdown() + "\n")
 
     minutes = (time.perf_counter() - started) / 60
-    cmd = "benchmarks/optout.py" + (" --quick" if args.quick else "")
+    cmd = "benchmarks/optout.py" + (" --quick" if args.quick else "") + (
+        f" --corpus {args.corpus} --run {args.run}" if args.run else "")
+    steps = run.config["train"]["steps"]
+    title = ("## Opt-out: unlearning an artist, audited against retraining" if family == "reference"
+             else f"## Opt-out on the autoregressive reference ({family}), audited against "
+             "retraining")
     body = "\n".join([
-        "## Opt-out: unlearning an artist, audited against retraining",
+        title,
         "",
         f"`.venv/bin/python {cmd}` ({scale.name} scale: {scale.corpus_size}-excerpt demo corpus, "
-        f"{scale.train.steps} training steps, method settings = defaults"
+        f"{steps} training steps, method settings = defaults"
         + (f" with {scale.method_overrides}" if scale.method_overrides else "")
         + f"); {dt.date.today()}, {platform.machine()}, torch on {torch.get_num_threads()} "
         f"thread(s); {minutes:.0f} min wall clock for this invocation, whose stages cached by "
@@ -156,9 +186,13 @@ def main() -> None:
         f"MIA AUC within ±{scale.audit.auc_tol:.2f} of its; the CLAP similarity of the artist's "
         f"prompts' generations keeps at most {scale.audit.resemblance_tol:.0%} of the original's "
         f"excess over the retrained model's) while keeping utility near the original (retain "
-        f"and holdout loss at most +{scale.audit.utility_tol:.0%}). concept_ablation's step "
-        "count (200) was chosen on the J.S. Bach audit, so its J.S. Bach row is in-sample and "
-        "its O'Neill's row is the out-of-sample check.",
+        f"and holdout loss at most +{scale.audit.utility_tol:.0%}). "
+        + ("concept_ablation's step count (200) was chosen on the J.S. Bach audit, so its J.S. "
+           "Bach row is in-sample and its O'Neill's row is the out-of-sample check."
+           if family == "reference" else
+           f"Losses are the model's next-token cross-entropy (no draws). Not run: "
+           f"{', '.join(sorted(diffusion_only))} (they steer a diffusion model's noise "
+           "prediction)."),
         "",
         "Each artist's heading also gives two aims for the forget loss that a method could use "
         "without retraining (a stopping rule's target). Where both miss the retrained model's "
@@ -168,7 +202,7 @@ def main() -> None:
         "",
         *sections,
     ])
-    write_section("optout", body, args.doc)
+    write_section(section, body, args.doc)
     print(f"wrote {args.doc} ({minutes:.1f} min)")
 
 

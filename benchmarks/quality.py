@@ -48,7 +48,6 @@ from linernotes.evaluation.quality import (
     frechet_distance,
     leave_one_out_accuracy,
 )
-from linernotes.models.pipeline import GenerateSettings, sample_latents
 from linernotes.run import load_run
 from linernotes.training import LOSS_LOG
 
@@ -67,12 +66,24 @@ def _prompts(manifest: pd.DataFrame, rows: np.ndarray, per_artist: int) -> tuple
     return prompts, artists
 
 
-def _bp_of_frames(run, latents: np.ndarray, masks: np.ndarray, n_iter: int) -> np.ndarray:
+def _sample_with(run, model, prompts: list, seeds: list, n_frames: int, gen) -> torch.Tensor:
+    """Features sampled by the run's family with another model of its architecture."""
+    family, kept = run.family, run.family.model
+    family.model = model
+    try:
+        return torch.cat([family.sample(prompts[lo : lo + gen.batch_size],
+                                        seeds[lo : lo + gen.batch_size], n_frames, gen)
+                          for lo in range(0, len(prompts), gen.batch_size)])
+    finally:
+        family.model = kept
+
+
+def _bp_of_frames(run, latents: np.ndarray, masks: np.ndarray, gen) -> np.ndarray:
     """basic-pitch embeddings of frames through the product vocoder (peak-normalised)."""
     rate = run.family.sample_rate
     out = []
     for x, m in zip(latents, masks):
-        audio = run.family.decode(x, m, GenerateSettings(griffin_lim_iters=n_iter))
+        audio = run.family.decode(x, m, gen)
         peak = float(np.abs(audio).max()) if len(audio) else 0.0
         out.append(basic_pitch_embedding(audio * (0.99 / peak) if peak > 0.99 else audio, rate))
     return np.stack(out)
@@ -152,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
     out = Path(args.out) if args.out else Path(args.run) / "quality-clips"
-    gen = GenerateSettings()
-    n_iter = gen.griffin_lim_iters
+    gen = run.family.generate_settings()
 
     # real embeddings: train (centroids) and holdout (the reference set)
     bp_method = BasicPitchSimilarity(run, manifest, progress=False)
@@ -194,13 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     blank = run.family.untrained(args.seed)  # the same architecture at random init
     n_frames = run.task.latent_shape[0]
-    un_lat = torch.cat([sample_latents(blank, run.task, prompts[lo : lo + gen.batch_size],
-                                       seeds[lo : lo + gen.batch_size], n_frames, gen)
-                        for lo in range(0, len(prompts), gen.batch_size)])
+    un_lat = _sample_with(run, blank, prompts, seeds, n_frames, gen)
     un_mask = torch.ones(un_lat.shape[:2], dtype=torch.bool)
     clap_un = audio_embeddings(run, un_lat, un_mask)
     t_un = time.perf_counter()
-    bp_un = _bp_of_frames(run, un_lat.numpy(), un_mask.numpy(), n_iter)
+    bp_un = _bp_of_frames(run, un_lat.numpy(), un_mask.numpy(), gen)
     un_vocode_seconds = (time.perf_counter() - t_un) / len(prompts)
     print(f"untrained: {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -259,8 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     }])
     total = time.perf_counter() - t_start
 
+    family = run.family.name
+    title, section = (("Reference model", "quality") if family == "reference" else
+                      (f"Autoregressive reference model ({family})", f"quality-{family}"))
+    sampler = ", ".join(f"{k} {v}" for k, v in gen.to_dict().items()
+                        if k in ("steps", "sampler", "guidance", "temperature", "top_k"))
     body = "\n".join([
-        "## Reference model quality (`benchmarks/quality.py`)",
+        f"## {title} quality (`benchmarks/quality.py`)",
         "",
         f"Machine: {platform.machine()} CPU, 2 cores shared with other jobs, "
         f"{torch.get_num_threads()} torch thread(s), no GPU; {total / 60:.1f} min in all. "
@@ -269,8 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Command: `{command}`",
         "",
         f"**Conditional fidelity and Fréchet distance.** {args.per_artist} clips per artist, "
-        f"prompted with holdout captions (each names its artist); {gen.steps} {gen.sampler} "
-        f"steps, guidance {gen.guidance}. *Artist acc*: share assigned to the prompted artist's "
+        f"prompted with holdout captions (each names its artist); sampler {sampler}. "
+        "*Artist acc*: share assigned to the prompted artist's "
         f"nearest centroid of real **train** embeddings (chance {chance:.3f}). *FD*: against "
         f"the {n_hold} real holdout clips; the reference row gives the real-vs-real floor "
         f"(mean over 20 random {n_gen}-track train subsets: the generated sample size, since FD "
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(body)
     if not args.no_write:
-        print(f"\nwrote {write_section('quality', body)}")
+        print(f"\nwrote {write_section(section, body)}")
 
 
 if __name__ == "__main__":
