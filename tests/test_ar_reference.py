@@ -20,6 +20,7 @@ from linernotes.errors import LinernotesError
 from linernotes.models.ar.family import ArFamily, ArRecipe
 from linernotes.models.ar.tokens import Rvq
 from linernotes.training import TrainSettings
+from linernotes.unlearning.trainer import DEFAULT_METHODS
 
 from conftest import make_tone_corpus
 
@@ -129,6 +130,9 @@ def test_the_commands_work_on_an_ar_reference_run(ar, tmp_path):
         tmp_path / "scores")
     cli("optout", "--run", tmp_path / "ar", "--corpus", root / "corpus", "--forget",
         "artist=Alpha", "--method", "random_label", "-o", tmp_path / "rl")
+    out = cli("optout", "--run", tmp_path / "ar", "--corpus", root / "corpus", "--forget",
+              "artist=Beta", "-o", tmp_path / "default", "--set", "steps=5")
+    assert f"Method {DEFAULT_METHODS['autoregressive']}" in out  # not a diffusion-only method
     out = cli("audit", tmp_path / "rl", "--corpus", root / "corpus", "-o", tmp_path / "audit")
     assert "random_label" in out and (tmp_path / "audit" / "audit.csv").exists()
     # the retrained reference of the audit kept the run's CLAP and tokenizer

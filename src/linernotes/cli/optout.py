@@ -61,9 +61,10 @@ def optout_cmd(
     forget_file: Path = typer.Option(None, help="A file of track ids to forget, one per line."),
     run: Path = typer.Option(Path("run"), help="Run to unlearn from (may itself be an opt-out)."),
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
-    method: str = typer.Option("concept_ablation", help="Unlearning method (--list-methods); "
-                               "the default came closest to retraining in the audits "
-                               "(docs/benchmarks.md)."),
+    method: str = typer.Option(None, help="Unlearning method (--list-methods). Default: the "
+                               "one that came closest to retraining in the audits "
+                               "(docs/benchmarks.md): concept_ablation on a diffusion model, "
+                               "grad_diff on an autoregressive one."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE overrides a method setting."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for the new (unlearned) run."),
     as_json: bool = typer.Option(False, "--json", help="Print the opt-out record as JSON."),
@@ -79,6 +80,11 @@ def optout_cmd(
         _print_methods()
         return
     spec = _forget_spec(forget, forget_file)
+    if method is None:
+        from linernotes.run import load_run
+        from linernotes.unlearning.trainer import default_method
+
+        method = default_method(load_run(run).task)
     settings = method_settings(
         method, get_method(method).settings_class.overrides(parse_assignments(set_)))
     if out is None:

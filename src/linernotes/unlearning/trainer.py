@@ -330,6 +330,16 @@ def available_methods() -> dict[str, type[UnlearningMethod]]:
     return METHODS.all()
 
 
+#: `optout`'s default method, by kind of loss: the one that came closest to retraining in the
+#: audits of docs/benchmarks.md (the diffusion reference's, and the autoregressive reference's)
+DEFAULT_METHODS = {"diffusion": "concept_ablation", "autoregressive": "grad_diff"}
+
+
+def default_method(task) -> str:
+    """`optout`'s default method for a model with this Task."""
+    return DEFAULT_METHODS["autoregressive" if task.deterministic else "diffusion"]
+
+
 def get_method(name: str) -> type[UnlearningMethod]:
     """The method registered as `name`, or a clear error with close names."""
     return METHODS.get(name)
