@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from linernotes import device
@@ -63,6 +64,7 @@ class PretrainedFamily(Family):
                              settings.mask_padding)
         key = hash_json({"manifest": manifest_hash(manifest), "start": self.recipe_key()
                          if start is not None else self.config["weights_hash"]})
+        torch.manual_seed(settings.seed)  # dropout draws: never those of whatever ran before
         result = fit(model, data, loss, settings, out_dir=out, task=self.task,
                      params=self.task.parameter_names(model, settings.param_group), key=key,
                      progress=progress, desc="fine-tune")

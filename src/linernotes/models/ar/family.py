@@ -222,6 +222,7 @@ def train_ar(manifest: pd.DataFrame, run_dir: str | Path, settings: TrainSetting
                          settings.mask_padding)
     key = hash_json({"manifest": manifest_hash(df), "features": features.to_dict(),
                      "model": arch, "clap": clap.weights_hash, "tokenizer": rvq_hash})
+    torch.manual_seed(settings.seed)  # dropout draws: never those of whatever ran before
     result = fit(model, data, loss, settings, out_dir=run_dir, task=task,
                  params=task.parameter_names(model, settings.param_group), key=key,
                  progress=progress, desc="ar decoder")
