@@ -152,8 +152,8 @@ def train(
         from linernotes.run import load_run
 
         if recipe != FAMILY.recipe_settings() or sets or family != DEFAULT_FAMILY:
-            raise LinernotesError("--seconds, --clap-steps, --clap-seed and --clap make a new "
-                                  "reference model; a fine-tune (--base) keeps its run's.")
+            raise LinernotesError("--seconds, --clap-steps, --clap-seed, --clap, --family and "
+                                  "--set make a new model; a fine-tune (--base) keeps its run's.")
         manifest = read_corpus(corpus)
         run = load_run(base, manifest=manifest).family.finetune(manifest, out, settings)
     else:
