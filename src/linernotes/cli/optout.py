@@ -64,7 +64,7 @@ def optout_cmd(
     method: str = typer.Option(None, help="Unlearning method (--list-methods). Default: the "
                                "one that came closest to retraining in the audits "
                                "(docs/benchmarks.md): concept_ablation on a diffusion model, "
-                               "grad_diff on an autoregressive one."),
+                               "mirrored on an autoregressive one."),
     set_: list[str] = typer.Option(None, "--set", help="KEY=VALUE overrides a method setting."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for the new (unlearned) run."),
     as_json: bool = typer.Option(False, "--json", help="Print the opt-out record as JSON."),

@@ -7,7 +7,9 @@ unless given): ascent is bounded by "knowing nothing" about the forget tracks.
 That bound suits MUCS's attribution (one query, a second model). As an artist opt-out it goes far
 beyond retraining: on the demo model the forget loss ended 12x (J.S. Bach) and 6x (O'Neill's)
 the retrained model's (docs/benchmarks.md). Give `null_loss` (e.g. the mean holdout loss) or
-choose another method for opt-outs.
+choose another method for opt-outs of a diffusion model. On the autoregressive reference, where
+the original has memorised its tracks far below the retrained model's loss, it is the one method
+that lands near retraining for both audited artists, so it is `optout`'s default there.
 """
 
 from __future__ import annotations

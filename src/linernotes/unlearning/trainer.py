@@ -332,7 +332,7 @@ def available_methods() -> dict[str, type[UnlearningMethod]]:
 
 #: `optout`'s default method, by kind of loss: the one that came closest to retraining in the
 #: audits of docs/benchmarks.md (the diffusion reference's, and the autoregressive reference's)
-DEFAULT_METHODS = {"diffusion": "concept_ablation", "autoregressive": "grad_diff"}
+DEFAULT_METHODS = {"diffusion": "concept_ablation", "autoregressive": "mirrored"}
 
 
 def default_method(task) -> str:
