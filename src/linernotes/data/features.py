@@ -41,6 +41,53 @@ class Unnormalised:
         return {}
 
 
+class FixedLengthAudio:
+    """What a feature encoder of fixed-length audio shares (a VAE's latents, a codec's codes):
+    each file read at `sample_rate` and `channels`, zero-padded or cut to `n_frames * hop`
+    samples, encoded `batch_size` files at a time by the subclass's `encode` (a batch of
+    waveforms (B, channels, n_frames * hop) to (B, n_frames, ...)); values used as they are."""
+
+    sample_rate: int
+    channels: int
+    hop: int
+    n_frames: int
+    batch_size: int
+
+    def encode(self, waveforms: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def real_frames(self, n_samples: int) -> int:
+        return min(self.n_frames, -(-n_samples // self.hop))
+
+    def waveform(self, path) -> tuple[np.ndarray, int]:
+        """(channels, n_frames * hop) audio of a file, zero-padded or cut, and its real frames."""
+        from linernotes.data.audio import load_audio
+
+        audio = load_audio(path, self.sample_rate, self.channels)
+        out = np.zeros((self.channels, self.n_frames * self.hop), dtype=np.float32)
+        n = min(audio.shape[1], out.shape[1])
+        out[:, :n] = audio[:, :n]
+        return out, self.real_frames(audio.shape[1])
+
+    def encode_files(self, paths) -> list[tuple[np.ndarray, int]]:
+        """Each file's values and real frames, encoded in batches on the encoder's device."""
+        out = []
+        for lo in range(0, len(paths), self.batch_size):
+            waves = [self.waveform(p) for p in paths[lo : lo + self.batch_size]]
+            values = self.encode(np.stack([w for w, _ in waves]))
+            out += [(z, n) for z, (_, n) in zip(values, waves)]
+        return out
+
+    def encode_file(self, path: str) -> tuple[np.ndarray, int]:
+        return self.encode_files([path])[0]
+
+    def fit_stats(self, values, mask, rows) -> Unnormalised:
+        return Unnormalised()
+
+    def load_stats(self, data: dict) -> Unnormalised:
+        return Unnormalised()
+
+
 class FeatureStore:
     """The cached features of every track of a manifest, in manifest order (memory-mapped).
 

@@ -9,6 +9,7 @@ never the pretrained model from scratch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 
 from linernotes import device
 from linernotes.artifacts import hash_json
+from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import TrackDataset
 from linernotes.errors import LinernotesError
 from linernotes.models.family import Family
@@ -33,9 +35,48 @@ from linernotes.training import (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class PretrainedRecipe(Settings):
+    """How `linernotes init` makes a run of a model folder."""
+
+    seconds: float = setting(0.0, "Length of one training example in seconds (default, 0: the "
+                             "longest corpus track, at most the model's maximum); shorter tracks "
+                             "are padded, longer ones cut.")
+
+    def validate(self) -> None:
+        require(self.seconds >= 0, "seconds must be >= 0 (0: the longest track).")
+
+
 class PretrainedFamily(Family):
     """A family whose runs start from a user's model folder; subclasses give `base_model` (the
     weights fine-tunes start from) and `save`."""
+
+    recipe_settings = PretrainedRecipe
+
+    @classmethod
+    def existing_run(cls, run_dir: Path, source: dict, manifest: pd.DataFrame,
+                     progress: bool = True) -> Run | None:
+        """The run `init` already made in `run_dir` from the same folder (its encoding finished
+        if a kill interrupted it), None if there is none; a run of another model is refused."""
+        if not Layout(run_dir).is_run:
+            return None
+        run = load_run(run_dir)
+        old = run.config.get("source", {}).get("fingerprint")
+        if run.family.name != cls.name or old != source["fingerprint"]:
+            raise LinernotesError(f"{run_dir} already holds a run of another model "
+                                  f"({run.config.get('source', {}).get('path', 'unknown')}); "
+                                  "choose another folder or delete it.")
+        run.check_manifest(manifest)
+        run.feature_store(manifest, progress)  # finishes an interrupted encoding
+        return run
+
+    @staticmethod
+    def init_meta(manifest: pd.DataFrame, recipe: Settings) -> dict:
+        """The config entries of a run `init` made (the model as given: no training steps)."""
+        from linernotes.data.manifest import manifest_hash
+
+        return {"train": TrainSettings(steps=0).to_dict(), "manifest_hash": manifest_hash(manifest),
+                "settings_hash": None, "final_loss": None, "steps": 0, "recipe": recipe.to_dict()}
 
     def base_model(self) -> nn.Module:
         """The model this run's fine-tunes start from."""

@@ -17,14 +17,12 @@ and are not predicted. As in transformers' `build_delay_pattern_mask` (and audio
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from linernotes import device
-from linernotes.data.audio import load_audio
-from linernotes.data.features import Unnormalised
+from linernotes.data.features import FixedLengthAudio
 from linernotes.errors import LinernotesError
 
 
@@ -50,7 +48,7 @@ def delayed(codes: torch.Tensor, mask: torch.Tensor, pad: int) -> torch.Tensor:
     return out
 
 
-class EncodecCodes:
+class EncodecCodes(FixedLengthAudio):
     """The feature encoder of `FeatureStore` for MusicGen: (n_frames, n_codebooks) codes."""
 
     def __init__(self, codec, n_codebooks: int, channels: int, n_frames: int, fingerprint: str,
@@ -72,17 +70,6 @@ class EncodecCodes:
                 "codebooks": self.n_codebooks, "channels": self.channels,
                 "bandwidth": self.bandwidth, "format": 1}
 
-    def real_frames(self, n_samples: int) -> int:
-        return max(1, min(self.n_frames, math.ceil(n_samples / self.hop)))
-
-    def waveform(self, path) -> tuple[np.ndarray, int]:
-        """(channels, n_frames * hop) audio of a file, zero-padded or cut, and its real frames."""
-        audio = load_audio(path, self.sample_rate, self.channels)
-        out = np.zeros((self.channels, self.n_frames * self.hop), dtype=np.float32)
-        n = min(audio.shape[1], out.shape[1])
-        out[:, :n] = audio[:, :n]
-        return out, self.real_frames(audio.shape[1])
-
     @torch.no_grad()
     def encode(self, waveforms: np.ndarray) -> np.ndarray:
         """Codes (B, n_frames, n_codebooks) of waveforms (B, channels, n_frames * hop)."""
@@ -102,21 +89,3 @@ class EncodecCodes:
         outs = [self.codec.decode(c[ch :: self.channels][None, None], [None]).audio_values[0, 0]
                 for ch in range(self.channels)]
         return torch.stack(outs).float().cpu().numpy()
-
-    def encode_files(self, paths: Sequence[str]) -> list[tuple[np.ndarray, int]]:
-        """Each file's codes and real frames, encoded in batches on the codec's device."""
-        out = []
-        for lo in range(0, len(paths), self.batch_size):
-            waves = [self.waveform(p) for p in paths[lo : lo + self.batch_size]]
-            codes = self.encode(np.stack([w for w, _ in waves]))
-            out += [(z, n) for z, (_, n) in zip(codes, waves)]
-        return out
-
-    def encode_file(self, path: str) -> tuple[np.ndarray, int]:
-        return self.encode_files([path])[0]
-
-    def fit_stats(self, values, mask, rows) -> Unnormalised:
-        return Unnormalised()
-
-    def load_stats(self, data: dict) -> Unnormalised:
-        return Unnormalised()

@@ -49,26 +49,13 @@ from linernotes.models.musicgen.folder import (
     quiet,
 )
 from linernotes.models.musicgen.task import MusicgenTask
-from linernotes.models.pretrained import PretrainedFamily
-from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
-from linernotes.training import TrainSettings
+from linernotes.models.pretrained import PretrainedFamily, PretrainedRecipe
+from linernotes.run.folder import CONFIG, Run, load_run, write_config
 
 MODEL = "model"
 BASE = "base"
 #: files of the model folder a save rewrites (the rest, e.g. the tokenizer, is linked)
 WRITTEN = ("config.json", "generation_config.json")
-
-
-@dataclasses.dataclass(frozen=True)
-class MusicgenRecipe(Settings):
-    """How `linernotes init` makes a musicgen run."""
-
-    seconds: float = setting(0.0, "Length of one training example in seconds (default, 0: the "
-                             "longest corpus track, at most what the decoder's positions "
-                             "hold); shorter tracks are padded (not predicted), longer ones cut.")
-
-    def validate(self) -> None:
-        require(self.seconds >= 0, "seconds must be >= 0 (0: the longest track).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +106,6 @@ class MusicgenFamily(PretrainedFamily):
 
     name = "musicgen"
     generate_settings = MusicgenGenerateSettings
-    recipe_settings = MusicgenRecipe
 
     def __init__(self, path: Path, config: dict, model, tokenizer):
         g = config["features"]
@@ -139,25 +125,17 @@ class MusicgenFamily(PretrainedFamily):
 
     @classmethod
     def init_run(cls, model_dir: Path, manifest: pd.DataFrame, run_dir: Path,
-                 recipe: MusicgenRecipe | None = None, progress: bool = True) -> Run:
+                 recipe: PretrainedRecipe | None = None, progress: bool = True) -> Run:
         """A run of the MusicGen in `model_dir` over `manifest`'s tracks: the folder linked into
         `run_dir`, every track encoded once to codes by its EnCodec (resumable). Re-running it
         resumes; a run made from another folder or corpus is refused."""
-        from linernotes.data.manifest import manifest_hash
 
-        recipe = recipe or MusicgenRecipe()
+        recipe = recipe or PretrainedRecipe()
         model_dir, run_dir = Path(model_dir), Path(run_dir)
         check_folder(model_dir)
         source = {"path": str(model_dir.resolve()), "fingerprint": fingerprint_tree(model_dir)}
-        if Layout(run_dir).is_run:
-            run = load_run(run_dir)
-            old = run.config.get("source", {}).get("fingerprint")
-            if run.family.name != cls.name or old != source["fingerprint"]:
-                raise LinernotesError(f"{run_dir} already holds a run of another model "
-                                      f"({run.config.get('source', {}).get('path', 'unknown')}); "
-                                      "choose another folder or delete it.")
-            run.check_manifest(manifest)
-            run.feature_store(manifest, progress)  # finishes an interrupted encoding
+        run = cls.existing_run(run_dir, source, manifest, progress)
+        if run is not None:
             return run
         link_tree(model_dir, run_dir / MODEL)
         link_tree(model_dir, run_dir / BASE)
@@ -168,9 +146,7 @@ class MusicgenFamily(PretrainedFamily):
         family = cls(run_dir, config, model, load_tokenizer(run_dir / MODEL))
         family.to(device.current())
         family.feature_store(manifest, progress)  # encode every track (resumable, by chunks)
-        meta = {"train": TrainSettings(steps=0).to_dict(), "manifest_hash": manifest_hash(manifest),
-                "settings_hash": None, "final_loss": None, "steps": 0, "recipe": recipe.to_dict()}
-        write_config(run_dir, cls.name, family.entries(run_dir), meta)
+        write_config(run_dir, cls.name, family.entries(run_dir), cls.init_meta(manifest, recipe))
         return load_run(run_dir, manifest=manifest)
 
     def entries(self, path: Path) -> dict:

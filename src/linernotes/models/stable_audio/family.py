@@ -36,28 +36,15 @@ from linernotes.data.descriptors import chroma_mfcc
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.models.family import register
-from linernotes.models.pretrained import PretrainedFamily
+from linernotes.models.pretrained import PretrainedFamily, PretrainedRecipe
 from linernotes.models.stable_audio.folder import COMPONENTS, check_pipeline, is_pipeline
 from linernotes.models.stable_audio.latents import VaeLatents
 from linernotes.models.stable_audio.task import StableAudioTask
-from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
-from linernotes.training import TrainSettings
+from linernotes.run.folder import CONFIG, Run, load_run, write_config
 
 PIPELINE = "pipeline"
 BASE = "base"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-@dataclasses.dataclass(frozen=True)
-class StableAudioRecipe(Settings):
-    """How `linernotes init` makes a stable-audio run."""
-
-    seconds: float = setting(0.0, "Length of one training example in seconds (default, 0: the "
-                             "longest corpus track, at most the model's maximum); shorter tracks "
-                             "are zero-padded, longer ones cut.")
-
-    def validate(self) -> None:
-        require(self.seconds >= 0, "seconds must be >= 0 (0: the longest track).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +114,6 @@ class StableAudioFamily(PretrainedFamily):
 
     name = "stable-audio"
     generate_settings = StableAudioGenerateSettings
-    recipe_settings = StableAudioRecipe
 
     def __init__(self, path: Path, config: dict, pipe):
         g = config["features"]
@@ -147,26 +133,17 @@ class StableAudioFamily(PretrainedFamily):
 
     @classmethod
     def init_run(cls, model_dir: Path, manifest: pd.DataFrame, run_dir: Path,
-                 recipe: StableAudioRecipe | None = None, progress: bool = True) -> Run:
+                 recipe: PretrainedRecipe | None = None, progress: bool = True) -> Run:
         """A run of the pipeline in `model_dir` over `manifest`'s tracks: the pipeline linked
         into `run_dir`, every track encoded once by its VAE (resumable). Re-running it resumes;
         a run made from another folder or corpus is refused."""
-        from linernotes.data.manifest import manifest_hash
 
-        recipe = recipe or StableAudioRecipe()
+        recipe = recipe or PretrainedRecipe()
         model_dir, run_dir = Path(model_dir), Path(run_dir)
         check_pipeline(model_dir)
         source = {"path": str(model_dir.resolve()), "fingerprint": fingerprint_tree(model_dir)}
-        layout = Layout(run_dir)
-        if layout.is_run:
-            run = load_run(run_dir)
-            old = run.config.get("source", {}).get("fingerprint")
-            if run.family.name != cls.name or old != source["fingerprint"]:
-                raise LinernotesError(f"{run_dir} already holds a run of another model "
-                                      f"({run.config.get('source', {}).get('path', 'unknown')}); "
-                                      "choose another folder or delete it.")
-            run.check_manifest(manifest)
-            run.feature_store(manifest, progress)  # finishes an interrupted encoding
+        run = cls.existing_run(run_dir, source, manifest, progress)
+        if run is not None:
             return run
         link_tree(model_dir, run_dir / PIPELINE)
         link_tree(model_dir / "transformer", run_dir / BASE / "transformer")
@@ -177,9 +154,7 @@ class StableAudioFamily(PretrainedFamily):
                   "components": _fingerprints(run_dir / PIPELINE)}
         family = cls(run_dir, config, pipe).to(device.current())
         family.feature_store(manifest, progress)  # encode every track (resumable, by chunks)
-        meta = {"train": TrainSettings(steps=0).to_dict(), "manifest_hash": manifest_hash(manifest),
-                "settings_hash": None, "final_loss": None, "steps": 0, "recipe": recipe.to_dict()}
-        write_config(run_dir, cls.name, family.entries(run_dir), meta)
+        write_config(run_dir, cls.name, family.entries(run_dir), cls.init_meta(manifest, recipe))
         return load_run(run_dir, manifest=manifest)
 
     def entries(self, path: Path) -> dict:

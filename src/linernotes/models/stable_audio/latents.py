@@ -11,18 +11,14 @@ they are (no normalisation).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 
 from linernotes import device
-from linernotes.data.audio import load_audio
-from linernotes.data.features import Unnormalised
+from linernotes.data.features import FixedLengthAudio
 
 
-class VaeLatents:
+class VaeLatents(FixedLengthAudio):
     """The feature encoder of `FeatureStore` for a VAE: (n_frames, latent channels) per track."""
 
     def __init__(self, vae, n_frames: int, fingerprint: str, batch_size: int = 4):
@@ -40,17 +36,6 @@ class VaeLatents:
     def cache_key(self) -> dict:
         return {"vae": self.fingerprint, "n_frames": self.n_frames, "format": 1}
 
-    def real_frames(self, n_samples: int) -> int:
-        return min(self.n_frames, math.ceil(n_samples / self.hop))
-
-    def waveform(self, path) -> tuple[np.ndarray, int]:
-        """(channels, n_frames * hop) audio of a file, zero-padded or cut, and its real frames."""
-        audio = load_audio(path, self.sample_rate, self.channels)
-        out = np.zeros((self.channels, self.n_frames * self.hop), dtype=np.float32)
-        n = min(audio.shape[1], out.shape[1])
-        out[:, :n] = audio[:, :n]
-        return out, self.real_frames(audio.shape[1])
-
     @torch.no_grad()
     def encode(self, waveforms: np.ndarray) -> np.ndarray:
         """Latents (B, n_frames, dim) of waveforms (B, channels, n_frames * hop)."""
@@ -58,21 +43,3 @@ class VaeLatents:
         x = torch.from_numpy(np.asarray(waveforms, dtype=np.float32)).to(dev)
         z = self.vae.encode(x).latent_dist.mean  # (B, dim, frames)
         return z[:, :, : self.n_frames].transpose(1, 2).float().cpu().numpy()
-
-    def encode_files(self, paths: Sequence[str]) -> list[tuple[np.ndarray, int]]:
-        """Each file's latent and real frames, encoded in batches on the VAE's device."""
-        out = []
-        for lo in range(0, len(paths), self.batch_size):
-            waves = [self.waveform(p) for p in paths[lo : lo + self.batch_size]]
-            latents = self.encode(np.stack([w for w, _ in waves]))
-            out += [(z, n) for z, (_, n) in zip(latents, waves)]
-        return out
-
-    def encode_file(self, path: str) -> tuple[np.ndarray, int]:
-        return self.encode_files([path])[0]
-
-    def fit_stats(self, values, mask, rows) -> Unnormalised:
-        return Unnormalised()
-
-    def load_stats(self, data: dict) -> Unnormalised:
-        return Unnormalised()
