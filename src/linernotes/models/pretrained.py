@@ -1,4 +1,5 @@
-"""What families of a user's pretrained model folder share: fine-tuning and retraining.
+"""What families of a user's pretrained model folder share: the init recipe, audio in and out
+through a fixed-length encoder, fine-tuning and retraining.
 
 A pretrained family (stable-audio, musicgen) is made a run by `linernotes init` and fine-tuned
 by `linernotes train --base`. The fine-tune is the realistic case whose credits and opt-outs are
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,10 @@ from torch import nn
 from linernotes import device
 from linernotes.artifacts import hash_json
 from linernotes.config import Settings, require, setting
+from linernotes.data.audio import mono
 from linernotes.data.dataset import TrackDataset
+from linernotes.data.descriptors import chroma_mfcc
+from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.models.family import Family
 from linernotes.run.folder import Layout, Run, load_run, write_config
@@ -77,6 +82,41 @@ class PretrainedFamily(Family):
 
         return {"train": TrainSettings(steps=0).to_dict(), "manifest_hash": manifest_hash(manifest),
                 "settings_hash": None, "final_loss": None, "steps": 0, "recipe": recipe.to_dict()}
+
+    # ---------------------------------------------------------------- audio and features
+    # (a subclass gives `geometry`, {n_frames, sample_rate, hop, ...}, and `encoder()`, the
+    # `data.features.FixedLengthAudio` that turns its audio into features)
+
+    def feature_store(self, manifest: pd.DataFrame, progress: bool = True,
+                      cache_dir: str | Path | None = None) -> FeatureStore:
+        return FeatureStore.open(manifest, self.encoder(), cache_dir=cache_dir, progress=progress)
+
+    def encode_audio(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.encoder()
+        values, n_real = enc.encode_file(str(path))
+        mask = np.arange(enc.n_frames) < n_real
+        return torch.from_numpy(values), torch.from_numpy(mask)
+
+    def real_frames(self, seconds: float) -> int:
+        g = self.geometry
+        return max(1, min(g["n_frames"], math.ceil(seconds * g["sample_rate"] / g["hop"])))
+
+    def silence(self) -> torch.Tensor:
+        """The features of the middle frame of a silent example."""
+        enc = self.encoder()
+        values = enc.encode(np.zeros((1, enc.channels, enc.n_frames * enc.hop), np.float32))[0]
+        return torch.from_numpy(values[len(values) // 2])
+
+    def embed_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Without an audio-text encoder: chroma + MFCC statistics of the decoded audio,
+        unit-normed (a descriptor, not a learned embedding)."""
+        rows = []
+        for x, m in zip(features.detach().cpu().numpy(), mask.cpu().numpy()):
+            v = chroma_mfcc(mono(self.decode(x, m)), self.sample_rate)
+            rows.append(v / max(float(np.linalg.norm(v)), 1e-12))
+        return torch.from_numpy(np.stack(rows)).float()
+
+    # ---------------------------------------------------------------- fine-tuning
 
     def base_model(self) -> nn.Module:
         """The model this run's fine-tunes start from."""

@@ -35,9 +35,6 @@ from torch import nn
 from linernotes import device
 from linernotes.artifacts import fingerprint_file, fingerprint_tree, hash_json, link_tree
 from linernotes.config import Settings, require, setting
-from linernotes.data.audio import mono
-from linernotes.data.descriptors import chroma_mfcc
-from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.models.family import register
 from linernotes.models.musicgen.codes import EncodecCodes
@@ -210,31 +207,12 @@ class MusicgenFamily(PretrainedFamily):
         return EncodecCodes(self.model.audio_encoder, g["n_codebooks"], g["channels"],
                             g["n_frames"], self.config["codec"])
 
-    def feature_store(self, manifest: pd.DataFrame, progress: bool = True,
-                      cache_dir: str | Path | None = None) -> FeatureStore:
-        return FeatureStore.open(manifest, self.encoder(), cache_dir=cache_dir, progress=progress)
-
-    def encode_audio(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.encoder()
-        codes, n_real = enc.encode_file(str(path))
-        mask = np.arange(enc.n_frames) < n_real
-        return torch.from_numpy(codes), torch.from_numpy(mask)
-
     def decode(self, features: np.ndarray, mask: np.ndarray,
                settings: Settings | None = None) -> np.ndarray:
         """EnCodec's audio ((n,) mono or (n, channels)) of codes, cut to the real frames."""
         n = max(1, int(np.asarray(mask).sum()))
         audio = self.encoder().decode(np.asarray(features)[:n])[:, : n * self.geometry["hop"]]
         return audio[0] if len(audio) == 1 else audio.T
-
-    def real_frames(self, seconds: float) -> int:
-        g = self.geometry
-        return max(1, min(g["n_frames"], math.ceil(seconds * g["sample_rate"] / g["hop"])))
-
-    def silence(self) -> torch.Tensor:
-        enc = self.encoder()
-        codes = enc.encode(np.zeros((1, enc.channels, enc.n_frames * enc.hop), np.float32))[0]
-        return torch.from_numpy(codes[len(codes) // 2])
 
     # ---------------------------------------------------------------- generation, embeddings
 
@@ -275,15 +253,6 @@ class MusicgenFamily(PretrainedFamily):
         if len(caught) == 1:
             return caught[0]
         return torch.stack(caught, dim=1).flatten(0, 1)  # stereo: left/right interleaved
-
-    def embed_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MusicGen has no audio-text encoder: chroma + MFCC statistics of EnCodec's audio,
-        unit-normed (a descriptor, not a learned embedding)."""
-        rows = []
-        for x, m in zip(features.detach().cpu().numpy(), mask.cpu().numpy()):
-            v = chroma_mfcc(mono(self.decode(x, m)), self.sample_rate)
-            rows.append(v / max(float(np.linalg.norm(v)), 1e-12))
-        return torch.from_numpy(np.stack(rows)).float()
 
     def block_names(self, model: nn.Module | None = None) -> list[str]:
         pattern = re.compile(r"(^|\.)decoder\.layers\.\d+$")

@@ -31,9 +31,6 @@ from torch import nn
 from linernotes import device
 from linernotes.artifacts import fingerprint_file, fingerprint_tree, link_tree
 from linernotes.config import Settings, require, setting
-from linernotes.data.audio import mono
-from linernotes.data.descriptors import chroma_mfcc
-from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
 from linernotes.models.family import register
 from linernotes.models.pretrained import PretrainedFamily, PretrainedRecipe
@@ -217,16 +214,6 @@ class StableAudioFamily(PretrainedFamily):
         return VaeLatents(self.vae, self.geometry["n_frames"],
                           self.config["components"]["vae"])
 
-    def feature_store(self, manifest: pd.DataFrame, progress: bool = True,
-                      cache_dir: str | Path | None = None) -> FeatureStore:
-        return FeatureStore.open(manifest, self.encoder(), cache_dir=cache_dir, progress=progress)
-
-    def encode_audio(self, path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.encoder()
-        latent, n_real = enc.encode_file(str(path))
-        mask = np.arange(enc.n_frames) < n_real
-        return torch.from_numpy(latent), torch.from_numpy(mask)
-
     @torch.no_grad()
     def decode(self, features: np.ndarray, mask: np.ndarray,
                settings: Settings | None = None) -> np.ndarray:
@@ -235,15 +222,6 @@ class StableAudioFamily(PretrainedFamily):
         z = torch.as_tensor(np.asarray(features), dtype=torch.float32).T[None]
         audio = self.vae.decode(z.to(device.of(self.vae))).sample[0]  # (channels, samples)
         return audio[:, : n * self.geometry["hop"]].T.float().cpu().numpy()
-
-    def real_frames(self, seconds: float) -> int:
-        g = self.geometry
-        return max(1, min(g["n_frames"], math.ceil(seconds * g["sample_rate"] / g["hop"])))
-
-    def silence(self) -> torch.Tensor:
-        enc = self.encoder()
-        latent = enc.encode(np.zeros((1, enc.channels, enc.n_frames * enc.hop), np.float32))[0]
-        return torch.from_numpy(latent[len(latent) // 2])
 
     # ---------------------------------------------------------------- generation, embeddings
 
@@ -271,15 +249,6 @@ class StableAudioFamily(PretrainedFamily):
                        latents=noise, output_type="latent",
                        generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
         return out.audios.transpose(1, 2).float().cpu()
-
-    def embed_audio(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Stable Audio has no audio encoder: chroma + MFCC statistics of the VAE's audio,
-        unit-normed (a descriptor, not a learned embedding)."""
-        rows = []
-        for x, m in zip(features.detach().cpu().numpy(), mask.cpu().numpy()):
-            v = chroma_mfcc(mono(self.decode(x, m)), self.sample_rate)
-            rows.append(v / max(float(np.linalg.norm(v)), 1e-12))
-        return torch.from_numpy(np.stack(rows)).float()
 
     def block_names(self, model: nn.Module | None = None) -> list[str]:
         pattern = re.compile(r"(^|\.)transformer_blocks\.\d+$")
