@@ -37,8 +37,8 @@ class Task(abc.ABC):
 
     #: shape of one sample's latent (what the noise has), frames first: (n_frames, ...)
     latent_shape: tuple[int, ...]
-    #: True when the loss has no random draws (t and noise are ignored): averaging draws then
-    #: computes it once (`loss_at_draws`)
+    #: True when the loss has no random draws (t and noise are ignored): callers then take one
+    #: draw however many they would average (`draws`)
     deterministic: bool = False
 
     @abc.abstractmethod
@@ -184,11 +184,8 @@ def loss_at_draws(
     noise: torch.Tensor,
     mask_padding: bool = False,
 ) -> torch.Tensor:
-    """Per-sample loss averaged over D draws: t (B, D), noise (B, D, ...) -> (B,). A
-    deterministic Task's loss is computed once, whatever D."""
+    """Per-sample loss averaged over D draws: t (B, D), noise (B, D, ...) -> (B,)."""
     b, d = t.shape
-    if task.deterministic:
-        return task.per_sample_loss(model, batch, t[:, 0], noise[:, 0], mask_padding)
     flat = expand_draws(batch, d)
     losses = task.per_sample_loss(
         model, flat, t.reshape(b * d), noise.reshape(b * d, *noise.shape[2:]), mask_padding

@@ -96,8 +96,8 @@ def track_losses(
     loader = DataLoader(dataset, batch_size=settings.batch_size, collate_fn=collate)
     pos = 0
     for batch in loader:
-        t, noise = draw_noise(batch["track_id"], range(settings.timesteps), task.latent_shape,
-                              seed=settings.seed, timesteps=ts)
+        t, noise = draw_noise(batch["track_id"], range(task.draws(settings.timesteps)),
+                              task.latent_shape, seed=settings.seed, timesteps=ts)
         with autocast(model, settings.precision):
             losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
         out[pos : pos + len(losses)] = losses.double().cpu().numpy()

@@ -80,18 +80,20 @@ def optout_cmd(
         _print_methods()
         return
     spec = _forget_spec(forget, forget_file)
-    if method is None:
+    manifest, base = read_corpus(corpus), run
+    if method is None:  # the run's kind decides; load it once, for optout too
         from linernotes.run import load_run
         from linernotes.unlearning.trainer import default_method
 
-        method = default_method(load_run(run).task)
+        base = load_run(run, manifest=manifest)
+        method = default_method(base.task)
     settings = method_settings(
         method, get_method(method).settings_class.overrides(parse_assignments(set_)))
     if out is None:
         raise LinernotesError("Give the folder for the new run with -o/--out (e.g. -o "
                               "run-without-bach).")
     reused = Layout(out).optout_record.exists()
-    new = optout(run, read_corpus(corpus), spec, method, settings, out)
+    new = optout(base, manifest, spec, method, settings, out)
     record = json.loads(new.optout_record.read_text())
     if as_json:
         typer.echo(json.dumps(record, indent=2))

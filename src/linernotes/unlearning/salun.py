@@ -43,8 +43,8 @@ def saliency_mask(method: UnlearningMethod, batch_size: int = 8) -> dict[str, to
         for lo in range(0, len(ctx.forget), batch_size):
             items = [ctx.forget[i] for i in range(lo, min(len(ctx.forget), lo + batch_size))]
             batch = collate(items)
-            t, noise = draw_noise(batch["track_id"], range(s.mask_draws), ctx.task.latent_shape,
-                                  seed=s.seed + 29)
+            t, noise = draw_noise(batch["track_id"], range(ctx.task.draws(s.mask_draws)),
+                                  ctx.task.latent_shape, seed=s.seed + 29)
             loss = loss_at_draws(ctx.task, ctx.model, batch, t, noise, s.mask_padding).sum()
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
                 grads[n] += g

@@ -234,8 +234,8 @@ def fixed_losses(task, model: nn.Module, dataset: Dataset, seed: int, n_draws: i
     out = []
     for lo in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(lo, min(len(dataset), lo + batch_size))])
-        t, noise = draw_noise(batch["track_id"], range(n_draws), task.latent_shape, seed=seed,
-                              timesteps=ts)
+        t, noise = draw_noise(batch["track_id"], range(task.draws(n_draws)), task.latent_shape,
+                              seed=seed, timesteps=ts)
         out.append(loss_at_draws(task, model, batch, t, noise, mask_padding).double().cpu()
                    .numpy())
     model.train(was)
