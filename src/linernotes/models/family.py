@@ -14,6 +14,7 @@ class with `@register` and lists its module in `FAMILY_MODULES` (see docs/archit
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -156,10 +157,17 @@ class Family(abc.ABC):
                               "audio in one space), which this measure needs; audio-to-audio "
                               "measures (clap-audio, chroma-mfcc, basic-pitch) work.")
 
+    #: the names of the model's transformer blocks (a regular expression; `block_names`)
+    block_pattern: ClassVar[str] = ""
+
     def block_names(self, model: nn.Module | None = None) -> list[str]:
         """The model's transformer blocks, in order (the LPIPS-style similarity's layers)."""
-        raise LinernotesError(f"The {self.name} family names no blocks; give the layers with "
-                              "--set layers=...")
+        if not self.block_pattern:
+            raise LinernotesError(f"The {self.name} family names no blocks; give the layers "
+                                  "with --set layers=...")
+        pattern = re.compile(self.block_pattern)
+        return [name for name, _ in (model or self.model).named_modules()
+                if pattern.search(name)]
 
 
 FAMILIES = Registry("model family", "Families", FAMILY_MODULES)

@@ -56,6 +56,10 @@ class FeatureSettings(Settings):
         """Frames whose centre lies on real audio: ceil(n / hop), at most n_frames."""
         return min(self.n_frames, math.ceil(n_samples / self.hop_length))
 
+    def clip_frames(self, seconds: float) -> int:
+        """Frames holding `seconds` of audio (at least one, at most n_frames)."""
+        return max(1, self.real_frames(int(round(seconds * self.sample_rate))))
+
     # -- the feature encoder of `data.features.FeatureStore`
 
     @property
@@ -131,6 +135,15 @@ def db_to_audio(db: np.ndarray, s: FeatureSettings, n_iter: int = 32, seed: int 
                                hop_length=s.hop_length, n_fft=s.n_fft, center=True,
                                random_state=seed)
     return audio.astype(np.float32)
+
+
+def vocode(frames: np.ndarray, mask: np.ndarray, s: FeatureSettings, stats: FeatureStats,
+           n_iter: int) -> np.ndarray:
+    """Mono audio of normalised frames (T, M) through the vocoder, cut to the real frames of
+    `mask` (one frame past them is kept to close the last)."""
+    n = max(1, int(np.asarray(mask).sum()))
+    frames = np.asarray(frames)[: min(n + 1, s.n_frames)]
+    return db_to_audio(stats.denormalise(frames), s, n_iter=n_iter)[: n * s.hop_length]
 
 
 @dataclasses.dataclass

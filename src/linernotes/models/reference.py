@@ -13,7 +13,6 @@ and, in `config.json`, the denoiser's architecture, the feature settings and the
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +43,7 @@ from linernotes.models.clap import (
 )
 from linernotes.models.denoiser import Denoiser, DenoiserConfig
 from linernotes.models.family import Family, register
-from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, db_to_audio
+from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, vocode
 from linernotes.models.pipeline import GenerateSettings, sample_latents
 from linernotes.models.task import ReferenceTask
 from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
@@ -273,6 +272,7 @@ class ReferenceFamily(Family):
 
     name = "reference"
     generate_settings = GenerateSettings
+    block_pattern = r"(^|\.)transformer_blocks\.\d+$"
     recipe_settings = ReferenceRecipe
 
     def __init__(self, path: Path, config: dict, model: Denoiser, task: ReferenceTask,
@@ -359,15 +359,11 @@ class ReferenceFamily(Family):
                settings: GenerateSettings | None = None) -> np.ndarray:
         """The vocoder's (seeded Griffin-Lim) mono audio of normalised frames (T, M), cut to the
         real frames."""
-        f, s = self.features, settings or GenerateSettings()
-        n = max(1, int(np.asarray(mask).sum()))
-        frames = np.asarray(features)[: min(n + 1, f.n_frames)]  # one frame closes the last
-        audio = db_to_audio(self.stats.denormalise(frames), f, n_iter=s.griffin_lim_iters)
-        return audio[: n * f.hop_length]
+        s = settings or GenerateSettings()
+        return vocode(features, mask, self.features, self.stats, s.griffin_lim_iters)
 
     def real_frames(self, seconds: float) -> int:
-        f = self.features
-        return max(1, f.real_frames(int(round(seconds * f.sample_rate))))
+        return self.features.clip_frames(seconds)
 
     def silence(self) -> torch.Tensor:
         f = self.features
@@ -388,7 +384,3 @@ class ReferenceFamily(Family):
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         return self.clap.embed_text(list(texts)).float().cpu()
 
-    def block_names(self, model: nn.Module | None = None) -> list[str]:
-        pattern = re.compile(r"(^|\.)transformer_blocks\.\d+$")
-        return [name for name, _ in (model or self.model).named_modules()
-                if pattern.search(name)]

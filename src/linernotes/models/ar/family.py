@@ -17,7 +17,6 @@ some tracks keeps the run's CLAP and tokenizer and trains the decoder again.
 from __future__ import annotations
 
 import dataclasses
-import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ from linernotes.errors import LinernotesError
 from linernotes.models.ar.tokens import Rvq, RvqCodes
 from linernotes.models.clap import ClapSettings, load_clap
 from linernotes.models.family import Family, register
-from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, db_to_audio
+from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, vocode
 from linernotes.models.musicgen.task import DelayedCodesTask
 from linernotes.models.reference import CLAP_DIR, ReferenceRecipe, _copy_clap, _open, train_clap
 from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
@@ -260,6 +259,7 @@ class ArFamily(Family):
 
     name = "ar-reference"
     generate_settings = ArGenerateSettings
+    block_pattern = r"(^|\.)decoder\.layers\.\d+$"
     recipe_settings = ArRecipe
 
     def __init__(self, path: Path, config: dict, model: ArModel, clap, rvq: Rvq):
@@ -344,15 +344,11 @@ class ArFamily(Family):
     def decode(self, features: np.ndarray, mask: np.ndarray,
                settings: Settings | None = None) -> np.ndarray:
         """The vocoder's mono audio of codes (T, K), cut to the real frames."""
-        f = self.features
         iters = getattr(settings, "griffin_lim_iters", ArGenerateSettings().griffin_lim_iters)
-        n = max(1, int(np.asarray(mask).sum()))
-        frames = self.frames(np.asarray(features)[: min(n + 1, f.n_frames)])
-        return db_to_audio(self.stats.denormalise(frames), f, n_iter=iters)[: n * f.hop_length]
+        return vocode(self.frames(np.asarray(features)), mask, self.features, self.stats, iters)
 
     def real_frames(self, seconds: float) -> int:
-        f = self.features
-        return max(1, f.real_frames(int(round(seconds * f.sample_rate))))
+        return self.features.clip_frames(seconds)
 
     def silence(self) -> torch.Tensor:
         f = self.features
@@ -376,10 +372,6 @@ class ArFamily(Family):
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
         return self.clap.embed_text(list(texts)).float().cpu()
 
-    def block_names(self, model: nn.Module | None = None) -> list[str]:
-        pattern = re.compile(r"(^|\.)decoder\.layers\.\d+$")
-        return [name for name, _ in (model or self.model).named_modules()
-                if pattern.search(name)]
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ import copy
 import dataclasses
 import hashlib
 import math
-import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -103,6 +102,7 @@ class MusicgenFamily(PretrainedFamily):
 
     name = "musicgen"
     generate_settings = MusicgenGenerateSettings
+    block_pattern = r"(^|\.)decoder\.layers\.\d+$"
 
     def __init__(self, path: Path, config: dict, model, tokenizer):
         g = config["features"]
@@ -254,10 +254,6 @@ class MusicgenFamily(PretrainedFamily):
             return caught[0]
         return torch.stack(caught, dim=1).flatten(0, 1)  # stereo: left/right interleaved
 
-    def block_names(self, model: nn.Module | None = None) -> list[str]:
-        pattern = re.compile(r"(^|\.)decoder\.layers\.\d+$")
-        return [name for name, _ in (model or self.model).named_modules()
-                if pattern.search(name)]
 
 
 def module_fingerprint(module: nn.Module) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -111,6 +110,7 @@ class StableAudioFamily(PretrainedFamily):
 
     name = "stable-audio"
     generate_settings = StableAudioGenerateSettings
+    block_pattern = r"(^|\.)transformer_blocks\.\d+$"
 
     def __init__(self, path: Path, config: dict, pipe):
         g = config["features"]
@@ -250,7 +250,3 @@ class StableAudioFamily(PretrainedFamily):
                        generator=[torch.Generator().manual_seed(int(s)) for s in seeds])
         return out.audios.transpose(1, 2).float().cpu()
 
-    def block_names(self, model: nn.Module | None = None) -> list[str]:
-        pattern = re.compile(r"(^|\.)transformer_blocks\.\d+$")
-        return [name for name, _ in (model or self.model).named_modules()
-                if pattern.search(name)]
