@@ -7,6 +7,7 @@ identical to a single process's.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -14,11 +15,19 @@ import torch.distributed as dist
 
 
 def init_from_env() -> bool:
-    """Join the process group torchrun describes (if any); True when running distributed."""
+    """Join the process group torchrun describes (if any); True when running distributed. The
+    group is left at exit (a live gloo group torn down by the interpreter can abort the rank:
+    "terminate called without an active exception")."""
     if dist.is_available() and not dist.is_initialized() and "RANK" in os.environ:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
+        atexit.register(_leave)
     return is_distributed()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
