@@ -1,13 +1,16 @@
-"""Artist-level credit benchmark: every group-credit method against LOGO retraining.
+"""Artist-level credit benchmark: every group-credit method against seed-averaged LOGO retraining.
 
 Builds the 8-artist demo corpus at the opt-out benchmark's quick scale (96 excerpts of 6 s, 300
-training steps: one retrain takes a few minutes on one thread), trains the model, generates 24
-queries (8 prompts naming one artist, 8 naming two, 8 naming none), retrains the model without
-each artist (LOGO, the gold standard) and compares every method's artist ranking with LOGO's,
-writing the `credit` section of docs/benchmarks.md. Every stage is cached under --work, so an
-interrupted run resumes where it stopped (the model and corpus are those of
-`benchmarks/optout.py --quick`: `--work runs/bench-optout-quick` reuses them and its two
-retrains).
+training steps: one retrain takes a few minutes on one thread), trains the model, generates 48
+evaluation clips (16 prompts naming one artist, 16 naming two, 16 naming none) and 12 tuning
+clips from other prompts and another seed, retrains the model without each artist with 3 seeds
+(and the full model with the 2 extra seeds: LOGO, the gold standard, is the seed-averaged loss
+change), and compares every method's artist ranking with LOGO's, with bootstrap intervals over
+the clips, LOGO's own seed-to-seed agreement as the ceiling, and paired differences against
+CLAP similarity. Methods are chosen on the tuning clips and reported on the evaluation clips.
+Writes the `credit` section of docs/benchmarks.md. Every stage is cached under --work, so an
+interrupted run resumes where it stopped; `--methods` fills the caches of some methods only
+(two processes can fill different methods' caches at once).
 
     .venv/bin/python benchmarks/credit.py            # evaluation scale (about 1-2 h, 1 thread)
     .venv/bin/python benchmarks/credit.py --quick    # smoke test at a tiny scale (minutes)
@@ -31,8 +34,10 @@ from linernotes.attribution.front import query_from_spec
 from linernotes.cli.demo import DEMO_ARTISTS
 from linernotes.clips import generate
 from linernotes.corpus.build import build_corpus
-from linernotes.credit import CreditSettings, evaluate_credit, groups, logo_runs
-from linernotes.credit.unlearn import OPTOUT_BUDGET, NewtonGroupSettings
+from linernotes.credit import CreditSettings, evaluate_credit, groups
+from linernotes.credit.evaluate import SEED_VS_SEED
+from linernotes.credit.stats import paired_differences
+from linernotes.credit.unlearn import OPTOUT_BUDGET, group_methods
 from linernotes.data.manifest import read_manifest
 from linernotes.models.clap import ClapSettings
 from linernotes.models.denoiser import DenoiserConfig
@@ -40,21 +45,23 @@ from linernotes.models.mel import FeatureSettings
 from linernotes.models.pipeline import GenerateSettings
 from linernotes.models.reference import train
 from linernotes.training import TrainSettings
-from linernotes.unlearning.trainer import available_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 GUDA = {"top1": 0.727, "ndcg@3": 0.677}  # GUDA on CIFAR-10 classes (SPEC §7)
 
-NO_ARTIST = (
-    "A slow piece played on piano, in C major, 4/4 time.",
-    "A lively dance tune on fiddle, in D major, 6/8 time.",
-    "A folk song on flute, in G major, 2/4 time.",
-    "A choral piece for voices at a slow tempo, in F major.",
-    "A fast tune on accordion, in A minor.",
-    "A melody on strings at a moderate tempo, in E minor, 3/4 time.",
-    "A hymn played on church organ, in B-flat major.",
-    "A short piece on plucked strings, lively tempo.",
-)
+PIECES = ("A slow piece", "A lively dance tune", "A folk song", "A choral piece", "A fast tune",
+          "A melody", "A hymn", "A short piece", "A gentle song", "A march")
+SOUNDS = ("on piano", "on fiddle", "on flute", "for voices", "on accordion", "on strings",
+          "on church organ", "on plucked strings", "on clarinet", "on guitar", "on harp")
+KEYS = ("in C major", "in D major", "in G major", "in F major", "in A minor", "in E minor",
+        "in B-flat major", "in D minor", "in E-flat major")
+METERS = ("4/4 time", "6/8 time", "2/4 time", "3/4 time")
+
+
+def no_artist(k: int) -> str:
+    """The k-th prompt naming no artist (a piece, a sound, a key and a metre)."""
+    return (f"{PIECES[k % len(PIECES)]} {SOUNDS[(3 * k) % len(SOUNDS)]}, "
+            f"{KEYS[(5 * k) % len(KEYS)]}, {METERS[(7 * k) % len(METERS)]}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,63 +74,84 @@ class Scale:
     model: DenoiserConfig
     clap: ClapSettings
     train: TrainSettings
-    per_kind: int  # prompts per kind (one artist, two artists, none)
+    per_kind: int  # evaluation prompts per kind (one artist, two artists, none)
+    tune_per_kind: int  # tuning prompts per kind (other prompts, another generation seed)
+    seeds: int  # LOGO's training seeds
     generate: GenerateSettings
     score: CreditSettings
-    optout: dict  # opt-out budget per group
-    newton: dict
-    unlearning: dict  # per-track unlearning (unlearning-sum)
-    gradients: dict  # per-track gradients (trak-sum)
+    methods: dict  # label -> (method, settings)
 
 
 EVAL = Scale(
     "eval", 96, 6.0, DEMO_ARTISTS, FeatureSettings(seconds=6.0, hop_length=750),
     DenoiserConfig(), ClapSettings(steps=100),
-    TrainSettings(steps=300, batch_size=16, checkpoint_every=100), 8,
-    GenerateSettings(steps=25), CreditSettings(elbo_timesteps=32, elbo_noise=1), OPTOUT_BUDGET,
-    {}, {"draws": 256}, {},
+    TrainSettings(steps=300, batch_size=16, checkpoint_every=100), 16, 4, 3,
+    GenerateSettings(steps=25), CreditSettings(elbo_timesteps=32, elbo_noise=1),
+    {"newton": ("newton", {}), "grad_diff": ("grad_diff", OPTOUT_BUDGET),
+     "concept_ablation": ("concept_ablation", OPTOUT_BUDGET),
+     "concept_ablation-60": ("concept_ablation", {"steps": 60}),
+     "clap-centroid": "clap-centroid"},
 )
 QUICK = Scale(
     "quick", 24, 2.0, DEMO_ARTISTS[:3], FeatureSettings(seconds=2.0, hop_length=750, n_mels=32),
     DenoiserConfig(layers=2, heads=2, head_dim=16, kv_heads=1, cross_dim=32, time_proj_dim=32,
                    max_words=12),
     ClapSettings(dim=32, hidden=32, layers=2, steps=20, batch_size=16),
-    TrainSettings(steps=20, batch_size=8, warmup=5, checkpoint_every=100), 1,
+    TrainSettings(steps=20, batch_size=8, warmup=5, checkpoint_every=100), 1, 1, 2,
     GenerateSettings(steps=4, griffin_lim_iters=2),
     CreditSettings(timesteps=4, stride=200, elbo_timesteps=4, elbo_noise=1),
-    {"steps": 2, "batch_size": 4, "retain_batch_size": 4}, {"draws": 4},
-    {"draws": 8, "probe_draws": 8},
-    {"projection_dim": 64, "timesteps": 2, "stride": 400, "query_draws": 4},
+    {"newton": ("newton", {"draws": 4}),
+     "grad_diff": ("grad_diff", {"steps": 2, "batch_size": 4, "retain_batch_size": 4}),
+     "clap-centroid": "clap-centroid"},
 )
 
 
-def prompts(manifest: pd.DataFrame, artists: list[str], n: int) -> list[tuple[str, str]]:
-    """(kind, prompt): n naming one artist (its holdout caption), n naming two, n naming none."""
+def prompts(manifest: pd.DataFrame, artists: list[str], n: int, tune: bool = False
+            ) -> list[tuple[str, str]]:
+    """(kind, prompt): n naming one artist, n naming two, n naming none.
+
+    One artist: the artist's holdout caption, then its training captions in order (the tuning
+    set starts at the third caption); two: distinct pairs (the tuning set takes the last pairs);
+    none: `no_artist` prompts (the tuning set's after the evaluation set's).
+    """
     out = []
-    for a in artists[:n]:
+    start = 2 if tune else 0
+    for k in range(n):
+        a = artists[k % len(artists)]
         rows = manifest[manifest["artist"] == a].sort_values(["split", "track_id"])
-        out.append(("one artist", str(rows["caption"].iloc[0])))  # "holdout" sorts first
-    pairs = [(i, (i + 1) % len(artists)) for i in range(0, len(artists), 2)]
-    pairs += [(i, (i + len(artists) // 2) % len(artists)) for i in range(len(artists))]
-    for i, j in list(dict.fromkeys(pairs))[:n]:
+        out.append(("one artist", str(rows["caption"].iloc[start + k // len(artists)])))
+    pairs = [(i, j) for d in range(1, len(artists)) for i in range(len(artists))
+             for j in [(i + d) % len(artists)] if i < j]
+    pairs = pairs[::-1] if tune else pairs
+    for i, j in pairs[:n]:
         out.append(("two artists", f"A piece in the style of {artists[i]} and {artists[j]}."))
-    out += [("no artist", p) for p in NO_ARTIST[:n]]
+    offset = 1000 if tune else 0
+    out += [("no artist", no_artist(offset + k)) for k in range(n)]
     return out
 
 
-def method_specs(scale: Scale, names: list[str] | None) -> dict:
-    optouts = {m: (m, scale.optout) for m in sorted(available_methods())}
-    specs = {"newton": ("newton", scale.newton), **optouts,
-             "unlearning-sum": ("unlearning-sum", scale.unlearning),
-             "trak-sum": ("trak-sum", scale.gradients), "clap-centroid": "clap-centroid"}
-    return {k: v for k, v in specs.items() if names is None or k in names}
+def clip_set(run, manifest, work: Path, name: str, kinds, seed: int, scale: Scale):
+    """The generated clips of one prompt set (cached in <work>/<name>.json): queries, info."""
+    listing = work / f"{name}.json"
+    known = json.loads(listing.read_text()) if listing.exists() else {}
+    if known.get("run") != run.hash or [k["prompt"] for k in known.get("queries", [])] != [
+            p for _, p in kinds] or not all(Path(k["path"]).exists() for k in known["queries"]):
+        paths = generate(run, [p for _, p in kinds], work / name, seed, scale.generate,
+                         progress=False)
+        known = {"run": run.hash, "queries": [{"kind": k, "prompt": p, "path": str(path)}
+                                              for (k, p), path in zip(kinds, paths)]}
+        listing.write_text(json.dumps(known, indent=2))
+    store = run.feature_store(manifest, progress=False)
+    queries = [query_from_spec(k["path"], run, store, manifest) for k in known["queries"]]
+    return queries, {q.key: k for q, k in zip(queries, known["queries"])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke scale")
     parser.add_argument("--work", type=Path, default=None, help="cache folder")
-    parser.add_argument("--methods", nargs="+", default=None, help="default: every method")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="fill these methods' caches only (labels; no docs written)")
     parser.add_argument("--doc", type=Path, default=None,
                         help="default: docs/benchmarks.md (quick: <work>/credit.md)")
     args = parser.parse_args()
@@ -145,112 +173,147 @@ def main() -> None:
           f"{run.config['final_loss']:.4f}", flush=True)
     artists = list(groups(manifest, run, "artist"))
 
-    print("== queries", flush=True)
-    kinds = prompts(manifest, artists, scale.per_kind)
-    listing = work / "queries.json"
-    known = json.loads(listing.read_text()) if listing.exists() else {}
-    if known.get("run") != run.hash or [k["prompt"] for k in known.get("queries", [])] != [
-            p for _, p in kinds] or not all(Path(k["path"]).exists() for k in known["queries"]):
-        paths = generate(run, [p for _, p in kinds], work / "clips", 0, scale.generate,
-                         progress=False)
-        known = {"run": run.hash, "queries": [{"kind": k, "prompt": p, "path": str(path)}
-                                              for (k, p), path in zip(kinds, paths)]}
-        listing.write_text(json.dumps(known, indent=2))
-    store = run.feature_store(manifest, progress=False)
-    queries = [query_from_spec(k["path"], run, store, manifest) for k in known["queries"]]
-    info = {q.key: k for q, k in zip(queries, known["queries"])}
-    print(f"   {len(queries)} clips: " + ", ".join(
-        f"{n} {k}" for k, n in pd.Series([k["kind"] for k in info.values()]).value_counts()
-        .items()))
+    print("== clips", flush=True)
+    queries, info = clip_set(run, manifest, work, "clips",
+                             prompts(manifest, artists, scale.per_kind), 0, scale)
+    tune_q, tune_info = clip_set(run, manifest, work, "tune",
+                                 prompts(manifest, artists, scale.tune_per_kind, tune=True), 1,
+                                 scale)
+    print(f"   {len(queries)} evaluation clips, {len(tune_q)} tuning clips", flush=True)
 
-    print("== LOGO: retraining without each artist", flush=True)
-    t0 = time.perf_counter()
-    retrained = logo_runs(run, manifest, "artist")
-    logo_seconds = sum(s for _, s in retrained.values())
-    print(f"   {time.perf_counter() - t0:.0f} s now; {logo_seconds:.0f} s of retraining in all",
+    specs = {k: v for k, v in scale.methods.items() if args.methods is None or k in args.methods}
+    print(f"== LOGO ({scale.seeds} seeds) and {len(specs)} methods on the tuning clips",
           flush=True)
-
-    print("== methods vs LOGO", flush=True)
-    specs = method_specs(scale, args.methods)
+    tune, tune_detail = evaluate_credit(run, manifest, tune_q, specs, "artist", scale.score,
+                                        work / "tune-evaluation", seeds=scale.seeds)
+    print("== the same on the evaluation clips", flush=True)
     summary, detail = evaluate_credit(run, manifest, queries, specs, "artist", scale.score,
-                                      work / "evaluation")
-    print(summary.round(3).to_string(index=False), flush=True)
+                                      work / "evaluation", seeds=scale.seeds)
+    if args.methods is not None:
+        print(summary[["method", "top1", "ndcg@3", "seconds"]].round(3).to_string(index=False))
+        return
+    chosen = choose(tune)
+    paired = paired_differences(detail, "clap-centroid", ["top1", "ndcg"])
+    print(summary[["method", "top1", "top1_low", "top1_high", "ndcg@3", "seconds",
+                   "fraction_of_logo"]].round(3).to_string(index=False), flush=True)
     minutes = (time.perf_counter() - started) / 60
-    write_section("credit", section(scale, args, summary, detail, info, manifest, artists,
-                                    logo_seconds, minutes), doc)
+    write_section("credit", section(scale, args, summary, detail, info, tune, chosen, paired,
+                                    manifest, artists, minutes), doc)
     print(f"wrote {doc} ({minutes:.1f} min)")
 
 
+def choose(tune: pd.DataFrame) -> str:
+    """The credit method the tuning clips support: best Top-1, then NDCG@3, of the methods
+    that change the model (group unlearning, either estimate)."""
+    methods = set(group_methods())
+    rows = tune[tune["method"].map(lambda m: m.split(" [")[0] in methods or
+                                   m.split(" [")[0].rsplit("-", 1)[0] in methods)]
+    return str(rows.sort_values(["top1", "ndcg@3"], ascending=False)["method"].iloc[0])
+
+
+def _ci(row, metric: str, fmt: str = ".2f") -> str:
+    return (f"{row[metric]:{fmt}} [{row[metric + '_low']:{fmt}}, "
+            f"{row[metric + '_high']:{fmt}}]")
+
+
 def section(scale: Scale, args, summary: pd.DataFrame, detail: pd.DataFrame, info: dict,
-            manifest: pd.DataFrame, artists: list[str], logo_seconds: float,
-            minutes: float) -> str:
-    """The Markdown section: setup, the comparison table, Top-1 per prompt kind, GUDA."""
+            tune: pd.DataFrame, chosen: str, paired: pd.DataFrame, manifest: pd.DataFrame,
+            artists: list[str], minutes: float) -> str:
+    """The Markdown section: setup, the comparison table with intervals and the ceiling, paired
+    differences, Top-1 per prompt kind, the choice and GUDA."""
     detail = detail.assign(kind=detail["query"].map(lambda q: info[q]["kind"]))
-    cols = ["method", "top1", "ndcg@3", "ndcg@3_centred", "spearman", "mrr", "ndcg_queries",
-            "seconds", "fraction_of_logo"]
-    view = summary[cols].copy()
-    view["fraction_of_logo"] = view["fraction_of_logo"].map(lambda x: f"{100 * x:.1f}%")
-    view["seconds"] = view["seconds"].map(lambda x: f"{x:.0f}")
-    view = view.rename(columns={"top1": "Top-1", "mrr": "MRR", "spearman": "Spearman",
-                                "ndcg_queries": "queries with NDCG", "fraction_of_logo":
-                                "cost / LOGO"})
+    logo = summary.set_index("method").loc["logo"]
+    logo_seconds = float(logo["seconds"])
+    view = pd.DataFrame({
+        "method": summary["method"],
+        "Top-1 [95% CI]": [_ci(r, "top1") for _, r in summary.iterrows()],
+        "NDCG@3 [95% CI]": [_ci(r, "ndcg@3") for _, r in summary.iterrows()],
+        "ndcg@3_centred": summary["ndcg@3_centred"].map(lambda x: f"{x:.2f}"),
+        "Spearman": summary["spearman"].map(lambda x: f"{x:.2f}"),
+        "MRR": summary["mrr"].map(lambda x: f"{x:.2f}"),
+        "tuning Top-1": summary["method"].map(
+            dict(zip(tune["method"], tune["top1"].map(lambda x: f"{x:.2f}")))).fillna("—"),
+        "seconds": summary["seconds"].map(lambda x: f"{x:.0f}"),
+        "cost / LOGO": summary["fraction_of_logo"].map(lambda x: f"{100 * x:.1f}%"),
+    })
+    ceiling = summary.set_index("method").loc[SEED_VS_SEED]
     per_kind = detail.pivot_table(index="method", columns="kind", values="top1",
                                   aggfunc="mean", sort=False).reset_index()
-    ranked = summary[summary["method"] != "logo"].sort_values(["top1", "ndcg@3"],
-                                                              ascending=False)
-    best = ranked.iloc[0]
+    pv = paired.pivot_table(index="method", columns="metric", values=["difference", "low",
+                                                                       "high", "p"], sort=False)
+    pairs = pd.DataFrame({
+        "method": pv.index,
+        "Top-1 − clap-centroid [95% CI]": [
+            f"{pv.loc[m, ('difference', 'top1')]:+.2f} [{pv.loc[m, ('low', 'top1')]:+.2f}, "
+            f"{pv.loc[m, ('high', 'top1')]:+.2f}]" for m in pv.index],
+        "p (Top-1)": [f"{pv.loc[m, ('p', 'top1')]:.3f}" for m in pv.index],
+        "NDCG@3 − clap-centroid [95% CI]": [
+            f"{pv.loc[m, ('difference', 'ndcg')]:+.2f} [{pv.loc[m, ('low', 'ndcg')]:+.2f}, "
+            f"{pv.loc[m, ('high', 'ndcg')]:+.2f}]" for m in pv.index],
+        "p (NDCG@3)": [f"{pv.loc[m, ('p', 'ndcg')]:.3f}" for m in pv.index],
+    })
+    best = summary.set_index("method").loc[chosen]
     one = detail[(detail["method"] == "logo") & (detail["kind"] == "one artist")]
     named = [next((a for a in artists if a in info[q]["prompt"]), None) for q in one["query"]]
     hits = sum(a == t for a, t in zip(named, one["logo_top"]))
     cmd = "benchmarks/credit.py" + (" --quick" if args.quick else "")
     n_train = len(manifest[manifest["split"] == "train"])
+    kinds = pd.Series([k["kind"] for k in info.values()]).value_counts()
     return "\n".join([
         "## Artist-level credit: unlearning each artist vs leave-one-artist-out retraining",
         "",
         f"`OMP_NUM_THREADS=1 .venv/bin/python {cmd}` ({scale.name} scale: {scale.corpus_size}"
         f"-excerpt demo corpus of {len(artists)} artists ({n_train} training tracks), "
-        f"{scale.train.steps} training steps: "
-        + ("a smoke test, the numbers mean nothing" if args.quick else
-           "the opt-out benchmark's quick scale, chosen so that each of the "
-           f"{len(artists)} LOGO retrains takes a few minutes on one thread")
-        + f"; {logo_seconds / max(len(artists), 1) / 60:.1f} min per retrain here); "
-        f"{dt.date.today()}, "
-        f"{platform.machine()}, {torch.get_num_threads()} threads, {minutes:.0f} min wall "
-        "clock for this invocation (cached stages excluded).",
+        f"{scale.train.steps} training steps"
+        + ("; a smoke test, the numbers mean nothing" if args.quick else "")
+        + f"); {dt.date.today()}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
+        f"{minutes:.0f} min wall clock for this invocation (cached stages excluded).",
         "",
-        f"{len(info)} generated clips (prompts naming one artist, two artists or none). "
-        f"LOGO credit of an artist = the clip's loss increase ({scale.score.timesteps} fixed "
-        "timesteps, noise keyed "
-        "by the clip) when the model is retrained without the artist (same recipe, seed and "
-        "CLAP). Each method ranks the artists for each clip: group unlearning (`newton`: one "
-        "Fisher/Newton step per artist, α chosen so the artist's own loss rises "
-        f"×{NewtonGroupSettings(**scale.newton).target_ratio:g}; the "
-        f"opt-out methods with {scale.optout}), `[elbo]` rows rank by the ELBO-style estimate "
-        f"({scale.score.elbo_timesteps} timesteps) instead, and the baselines sum per-track "
-        "scores (`unlearning-sum`, "
-        "`trak-sum`) or compare CLAP embeddings with each artist's centroid. NDCG@3 uses "
-        "LOGO's positive loss increases as gains (clips where no artist has one are left out: "
-        "*queries with NDCG*); `ndcg@3_centred` uses increases over the median artist. Cost: "
-        "seconds of unlearning every artist plus scoring every clip, and its fraction of "
-        f"LOGO's {logo_seconds:.0f} s of retraining (the `-sum` baselines count their per-clip "
-        "work only: training-side features and losses are computed once per run and cached).",
+        f"**Gold standard.** LOGO retrains the model without each artist with {scale.seeds} "
+        f"seeds (and the full model with the {scale.seeds - 1} extra seeds); an artist's LOGO "
+        f"credit for a clip is the clip's loss increase ({scale.score.timesteps} fixed "
+        "timesteps, noise keyed by the clip) averaged over the seeds. "
+        f"**Clips.** {len(info)} generated clips to evaluate (" + ", ".join(
+            f"{n} {k}" for k, n in kinds.items()) + f"), and {tune['queries'].max()} tuning "
+        "clips from other prompts and another generation seed: methods and their settings are "
+        "chosen on the tuning clips only. "
+        "**Methods.** Group unlearning of each artist (`newton`: one Fisher/Newton step per "
+        "artist; the opt-out methods with the budget in the label, default "
+        f"{OPTOUT_BUDGET['steps']} steps), ranked by the clip's loss increase at the fixed "
+        f"draws or (`[elbo]`) by the ELBO-style estimate ({scale.score.elbo_timesteps} "
+        "timesteps, the same noise for both models), and `clap-centroid`: CLAP similarity to "
+        "each artist's training audio, which never touches the model. "
+        "**Reading it.** `logo: seed vs seed` is one LOGO seed's ranking against another's "
+        "(the ceiling: LOGO's agreement with itself), `logo: one seed` a single retraining "
+        "against the seed average; brackets are 95% bootstrap intervals over the clips. NDCG@3 "
+        "takes LOGO's positive loss increases as gains (`ndcg@3_centred`: increases over the "
+        "median artist). Cost: seconds of unlearning every artist plus scoring the clips, as a "
+        "fraction of one LOGO seed's retraining plus scoring "
+        f"({logo_seconds:.0f} s).",
         "",
-        table(view, ".3f"),
+        table(view),
+        "",
+        "Paired differences against `clap-centroid` (the same clips resampled for both; p: "
+        "share of resamples where the method does not beat it):",
+        "",
+        table(pairs),
         "",
         "Top-1 agreement with LOGO by prompt kind:",
         "",
         table(per_kind, ".2f"),
         "",
-        f"LOGO's top artist is the named artist for {hits} of {len(one)} one-artist prompts "
-        "(a check of the gold standard's own signal at this scale).",
+        f"LOGO's top artist (seed average) is the named artist for {hits} of {len(one)} "
+        "one-artist prompts.",
         "",
-        f"**Best method: {best['method']}**, Top-1 agreement {100 * best['top1']:.1f}% and "
-        f"NDCG@3 {best['ndcg@3']:.3f} against LOGO, at {100 * best['fraction_of_logo']:.1f}% of "
-        f"LOGO's compute ({best['seconds']:.0f} s vs {logo_seconds:.0f} s). GUDA reports "
+        f"**Chosen on the tuning clips: {chosen}**: Top-1 {_ci(best, 'top1')} and NDCG@3 "
+        f"{_ci(best, 'ndcg@3')} against seed-averaged LOGO on the evaluation clips, "
+        f"{100 * best['top1'] / ceiling['top1']:.0f}% and "
+        f"{100 * best['ndcg@3'] / ceiling['ndcg@3']:.0f}% of LOGO's own seed-to-seed "
+        f"agreement ({ceiling['top1']:.2f}, {ceiling['ndcg@3']:.2f}), at "
+        f"{100 * best['fraction_of_logo']:.1f}% of one LOGO's compute. GUDA reports "
         f"{100 * GUDA['top1']:.1f}% and {GUDA['ndcg@3']:.3f} on CIFAR-10 classes at ~1% of "
         "LOGO's cost (SPEC §7): different data, model and groups (10 image classes there, "
-        f"{len(artists)} artists of ~{n_train // len(artists)} excerpts here), so the numbers "
-        "place ours beside theirs, they do not rank them.",
+        f"{len(artists)} artists of ~{n_train // len(artists)} excerpts here).",
     ])
 
 

@@ -26,6 +26,7 @@ from linernotes.credit import (
     read_credit,
 )
 from linernotes.credit.baselines import summed_scores
+from linernotes.credit.logo import FULL
 from linernotes.credit.tables import positive_shares
 from linernotes.data.features import FeatureStore
 from linernotes.data.manifest import write_manifest
@@ -211,6 +212,34 @@ def test_logo_excludes_exactly_each_group(setup):
         logo_runs(run, df, "artist", progress=False, only=["Delta"])
 
 
+def test_seed_averaged_logo_is_the_mean_of_each_seeds_change(setup):
+    df, run, qs = setup["manifest"], setup["run"], setup["queries"]
+    parts = groups(df, run, "artist")
+    one = credit(run, df, qs, "logo", score=SCORE, progress=False)
+    two = credit(run, df, qs, "logo", score=SCORE, progress=False, settings={"seeds": 2})
+    seed = run.config["train"]["seed"]
+    assert two[0].attrs["record"]["seeds"] == [seed, seed + 1]
+    for a, b in zip(one, two):
+        a, b = a.set_index("group"), b.set_index("group")
+        # the recipe seed's change is the one-seed LOGO score, bit for bit
+        assert (b[f"seed_{seed}"] == a["score"]).all()
+        assert np.allclose(b["score"], (b[f"seed_{seed}"] + b[f"seed_{seed + 1}"]) / 2)
+        assert not np.allclose(b[f"seed_{seed}"], b[f"seed_{seed + 1}"])  # seeds differ
+        assert math.isclose(b["share"].sum(), 1.0)
+        assert ((b["share_low"] <= b["share"] + 1e-12) & (b["share"] <= b["share_high"] + 1e-12)
+                ).all()
+    # seed 1: every group's model and the full model, trained with seed 1 on the right tracks
+    at1 = logo_runs(run, df, "artist", progress=False, seed=seed + 1, full=True)
+    assert at1[FULL][0].config["train"]["seed"] == seed + 1
+    assert sorted(at1[FULL][0].config["train"]["exclude"]) == ["alpha-00"]
+    for name, ids in parts.items():
+        cfg = at1[name][0].config["train"]
+        assert cfg["seed"] == seed + 1 and sorted(cfg["exclude"]) == sorted(["alpha-00", *ids])
+    assert logo_runs(run, df, "artist", progress=False, full=True)[FULL][0] is run
+    with pytest.raises(LinernotesError, match="seeds must be >= 1"):
+        credit(run, df, qs, "logo", score=SCORE, progress=False, settings={"seeds": 0})
+
+
 def test_ranking_metrics_on_hand_made_rankings():
     gold = {"a": 4.0, "b": 3.0, "c": 2.0, "d": 1.0}
     same = ranking_metrics({"a": 40, "b": 30, "c": 20, "d": 10}, gold)
@@ -233,11 +262,16 @@ def test_evaluate_credit_end_to_end(setup, tmp_path):
     df, run, qs = setup["manifest"], setup["run"], setup["queries"]
     summary, detail = evaluate_credit(
         run, df, qs, {"newton": ("newton", NEWTON), "clap-centroid": "clap-centroid"},
-        score=SCORE, out_dir=tmp_path, progress=False)
-    assert summary["method"].tolist() == ["newton", "newton [elbo]", "clap-centroid", "logo"]
+        score=SCORE, out_dir=tmp_path, progress=False, seeds=2)
+    assert summary["method"].tolist() == ["newton", "newton [elbo]", "clap-centroid", "logo",
+                                          "logo: seed vs seed", "logo: one seed"]
     logo = summary.set_index("method").loc["logo"]
     assert logo["top1"] == 1.0 and logo["spearman"] == 1.0 and logo["mrr"] == 1.0
-    assert len(detail) == 4 * len(qs) and set(detail["query"]) == {q.key for q in qs}
+    assert len(detail) == 6 * len(qs) and set(detail["query"]) == {q.key for q in qs}
+    for _, row in summary.iterrows():  # every mean inside its bootstrap interval
+        for m in ("top1", "ndcg@3", "spearman"):
+            if math.isfinite(row[m]):
+                assert row[f"{m}_low"] - 1e-12 <= row[m] <= row[f"{m}_high"] + 1e-12
     newton = summary.set_index("method").loc["newton"]
     assert newton["queries"] == len(qs) and 0 <= newton["top1"] <= 1
     assert newton["seconds"] > 0 and newton["fraction_of_logo"] > 0
@@ -254,7 +288,7 @@ def test_cli_credit_and_evaluate(setup, tmp_path):
     res = CliRunner().invoke(app, ["credit", "train:beta-04", *args, "-o", str(tmp_path / "c"),
                                    "--method", "newton", "--set", "draws=4", "--top", "2"])
     assert res.exit_code == 0, res.output
-    assert "beta-04" in res.output and "%" in res.output
+    assert "beta-04" in res.output and "%" in res.output and "95% (draws)" in res.output
     assert (tmp_path / "c" / "beta-04.newton.parquet").exists()
     ids = [t for g in groups(setup["manifest"], setup["run"]).values() for t in g]
     write_scores(score_table("beta-04", "unlearning", ids, np.ones(len(ids)), setup["manifest"]),
@@ -292,6 +326,8 @@ def test_report_shows_credit_by_artist(setup, tmp_path):
     (page,) = (index.parent / "queries").glob(f"{q.key}-*.html")
     html = page.read_text()
     assert "Credit by artist, by unlearning each artist (newton)" in html
+    panel = html.split('id="group-credit-1"')[1].split("</table>")[0]
+    assert "95% interval (draws)" in panel and panel.count('class="num interval"') == 3
     for g in ("Alpha", "Beta", "Gamma"):
         assert f'data-group="{g}"' in html
     # a baseline that never touches the model is not described as unlearning

@@ -74,7 +74,8 @@ def credit_cmd(
                  if (scores / f"{q.key}.parquet").exists()}
     tables = credit(r, m, qs, method, by=by, settings=_credit_settings(method, settings),
                     out_dir=out, track_tables=given)
-    cols = ["rank", "group", "share", "softmax", "score", "elbo", "n_tracks"]
+    cols = ["rank", "group", "share", "share_low", "share_high", "softmax", "score", "elbo",
+            "n_tracks"]
     if as_json:
         typer.echo(json.dumps([{"query": q.key, "groups": t.head(top)[cols].to_dict("records")}
                                for q, t in zip(qs, tables)]))
@@ -84,10 +85,15 @@ def credit_cmd(
         view = t.head(top)[cols].copy()
         for c in ("share", "softmax"):
             view[c] = view[c].map(lambda x: f"{100 * x:.1f}%")
+        view["share_low"] = [f"{100 * lo:.1f}–{100 * hi:.1f}%" if lo == lo else "—"
+                             for lo, hi in zip(t.head(top)["share_low"], t.head(top)["share_high"])]
+        view = view.drop(columns="share_high").rename(columns={"share_low": "95% (draws)"})
         for c in ("score", "elbo"):
             view[c] = view[c].map(lambda x: f"{x:.3g}")
         typer.echo(view.rename(columns={"group": by}).to_string(index=False))
-    typer.echo(f"\nCredit tables in {out}.")
+    typer.echo(f"\nshare: the clip's credit, summing to 100% over the {by}s with positive "
+               "credit; 95% (draws): where the share lies when the noise draws behind the loss "
+               f"changes are resampled.\nCredit tables in {out}.")
 
 
 @evaluate_app.command("credit")

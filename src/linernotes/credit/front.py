@@ -18,7 +18,7 @@ from linernotes.attribution.query import Query
 from linernotes.config import Settings
 from linernotes.credit.baselines import baseline_credit, baseline_methods
 from linernotes.credit.groups import groups
-from linernotes.credit.logo import logo_credit
+from linernotes.credit.logo import LogoSettings, logo_credit
 from linernotes.credit.losses import CreditSettings, loss_changes
 from linernotes.credit.tables import change_tables, write_credit
 from linernotes.credit.unlearn import (
@@ -51,6 +51,8 @@ def settings_class(method: str) -> type[Settings] | None:
     """The settings dataclass of a group-unlearning method (None for the others)."""
     if method == "newton":
         return NewtonGroupSettings
+    if method == "logo":
+        return LogoSettings
     if method in group_methods():
         from linernotes.unlearning.trainer import get_method
 
@@ -69,14 +71,17 @@ def credit(
     `logo`; written to `out_dir` when given. `settings`: the method's settings (a Settings
     object or a dict of fields; for `-sum` baselines the per-track method's flat overrides).
     `track_tables` (query key → per-track score table or its path) feeds a `-sum` baseline
-    instead of attributing the query again."""
+    instead of attributing the query again. `logo` takes {"seeds": n}: every model trained with n
+    seeds and the changes averaged (`logo.py`)."""
     s = score or CreditSettings()
     t0 = time.perf_counter()
     if method in group_methods():
         tables, record = unlearning_credit(run, manifest, queries, method, by, settings, s,
                                            progress)
     elif method == "logo":
-        tables, record = logo_credit(run, manifest, queries, by, s, progress)
+        ls = settings if isinstance(settings, LogoSettings) else LogoSettings.from_dict(
+            dict(settings or {}))
+        tables, record = logo_credit(run, manifest, queries, by, s, progress, ls.seeds)
     elif method in baseline_methods():
         tables, record = baseline_credit(run, manifest, queries, method, by, settings,
                                                    track_tables, progress)

@@ -20,12 +20,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from linernotes.artifacts import hash_json, read_json, write_json
+from linernotes.artifacts import hash_json, load_cached, read_json, write_json
 from linernotes.attribution.gradients import tensor_hash
-from linernotes.attribution.losses import ScoreSettings, track_losses
+from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
 from linernotes.config import Settings, require
-from linernotes.task import Task, draw_noise
+from linernotes.task import Task, draw_noise, fixed_timesteps
 
 ELBO_WEIGHTS = ("v", "elbo")
 
@@ -87,27 +87,40 @@ def _item(query: Query) -> dict:
             "track_id": query.key, "index": -1}
 
 
+def _per_draw(task: Task, model: nn.Module, query: Query, t: torch.Tensor, noise: torch.Tensor,
+              s: CreditSettings) -> np.ndarray:
+    """The query's loss at each draw (t (1, D), noise (1, D, ...)), in batches; (D,) float64."""
+    n = t.shape[1]
+    out = [task.per_sample_loss(model, query.batch(hi - lo), t[0, lo:hi], noise[0, lo:hi],
+                                s.mask_query)
+           for lo in range(0, n, s.batch_size) for hi in [min(n, lo + s.batch_size)]]
+    return torch.cat(out).double().cpu().numpy()
+
+
 @torch.inference_mode()
 def query_losses(task: Task, model: nn.Module, query: Query, s: CreditSettings) -> dict:
-    """{"fixed": loss at the fixed draws, "elbo": the ELBO-style estimate} of one model."""
+    """The query's losses under one model: "fixed" (the mean over the fixed draws), "elbo" (the
+    ELBO-style estimate), and each draw's term ("fixed_draws", "elbo_draws": weighted, so that
+    their means are the estimates) for intervals over the draws."""
     was = model.training
     model.eval()
     try:
-        fixed = float(track_losses(task, model, [_item(query)], s.score())[0])
-        grid, weights = elbo_grid(s)
-        n = len(grid) * s.elbo_noise
-        t, noise = draw_noise([query.key], range(n), task.latent_shape, seed=s.seed + 7919,
-                              timesteps=grid.tolist())
-        losses = []
-        for lo in range(0, n, s.batch_size):
-            hi = min(n, lo + s.batch_size)
-            losses.append(task.per_sample_loss(model, query.batch(hi - lo), t[0, lo:hi],
-                                               noise[0, lo:hi], s.mask_query))
-        per_draw = torch.cat(losses).double().cpu().numpy()
-        elbo = float((per_draw * weights[np.arange(n) % len(grid)]).mean())
+        n = task.draws(s.timesteps)
+        t, noise = draw_noise([query.key], range(n), task.latent_shape, seed=s.seed,
+                              timesteps=fixed_timesteps(s.timesteps, s.stride))
+        fixed = _per_draw(task, model, query, t, noise, s)
+        if task.deterministic:  # the draws are ignored: every estimate is the one loss
+            terms = fixed
+        else:
+            grid, weights = elbo_grid(s)
+            m = len(grid) * s.elbo_noise
+            t, noise = draw_noise([query.key], range(m), task.latent_shape, seed=s.seed + 7919,
+                                  timesteps=grid.tolist())
+            terms = _per_draw(task, model, query, t, noise, s) * weights[np.arange(m) % len(grid)]
     finally:
         model.train(was)
-    return {"fixed": fixed, "elbo": elbo}
+    return {"fixed": float(fixed.mean()), "elbo": float(terms.mean()),
+            "fixed_draws": fixed.tolist(), "elbo_draws": terms.tolist()}
 
 
 def query_hash(query: Query) -> str:
@@ -116,30 +129,32 @@ def query_hash(query: Query) -> str:
 
 
 class LossCache:
-    """Per-query losses of many models, one JSON file per (query, settings) in `folder`."""
+    """Per-query losses of many models: one JSON file per (model, query, settings) under
+    `folder/<model key hash>/`, so processes filling the cache for different models (or
+    queries) at once never overwrite each other's results."""
 
     def __init__(self, folder: str | Path, settings: CreditSettings):
         self.folder, self.s = Path(folder), settings
 
-    def _path(self, query: Query) -> Path:
-        return self.folder / f"{query_hash(query)}-{self.s.hash()}.json"
+    def _path(self, query: Query, model_key: str) -> Path:
+        return (self.folder / hash_json(model_key)[:16]
+                / f"{query_hash(query)}-{self.s.hash()}.json")
 
     def peek(self, query: Query, model_key: str) -> dict | None:
         """The cached losses of `query` under `model_key`, or None."""
-        path = self._path(query)
-        return read_json(path)["models"].get(model_key) if path.exists() else None
+        path = self._path(query, model_key)
+        return load_cached(path, read_json) if path.exists() else None
 
     def get(self, task: Task, model: nn.Module, query: Query, model_key: str) -> dict:
         """The query's losses under `model` (named `model_key`), computed once."""
-        path = self._path(query)
-        data = read_json(path) if path.exists() else {"query": query.key, "models": {}}
-        if model_key not in data["models"]:
+        entry = self.peek(query, model_key)
+        if entry is None:
             t0 = time.perf_counter()
             entry = query_losses(task, model, query, self.s)
             entry["seconds"] = time.perf_counter() - t0
-            data["models"][model_key] = entry
-            write_json(path, data)
-        return data["models"][model_key]
+            write_json(self._path(query, model_key), {"query": query.key, "model": model_key,
+                                                     **entry})
+        return entry
 
 
 def loss_changes(

@@ -390,8 +390,12 @@ def _group_credit(tables: Sequence[pd.DataFrame], queries: Mapping) -> dict[str,
         method, by = str(t["method"].iloc[0]), str(t["by"].iloc[0])
         out.setdefault(q, []).append({
             "method": method, "by": by, **describe(method, by),
+            "interval": bool("share_low" in t.columns and t["share_low"].notna().any()),
             "rows": [{"group": str(r.group), "rank": int(r.rank), "score": float(r.score),
-                      "share": float(r.share)} for r in rows.itertuples()],
+                      "share": float(r.share),
+                      "low": float(getattr(r, "share_low", float("nan"))),
+                      "high": float(getattr(r, "share_high", float("nan")))}
+                     for r in rows.itertuples()],
         })
     return out
 
