@@ -26,6 +26,7 @@ from linernotes.credit import (
     read_credit,
 )
 from linernotes.credit.baselines import summed_scores
+from linernotes.credit.calibrate import reference_ids
 from linernotes.credit.logo import FULL
 from linernotes.credit.tables import positive_shares
 from linernotes.data.features import FeatureStore
@@ -187,6 +188,32 @@ def test_summed_baselines_add_up_the_track_scores(setup, tmp_path):
     _check_table(trak, qs[0].key, "trak-sum")
 
 
+def test_calibrated_credit_takes_each_groups_reference_change_off(setup):
+    df, run, qs = setup["manifest"], setup["run"], setup["queries"]
+    parts = groups(df, run, "artist")
+    raw = credit(run, df, qs, "newton", settings=NEWTON, score=SCORE, progress=False)
+    cal_score = SCORE.replace(reference_tracks=2)
+    cal = credit(run, df, qs, "newton", settings=NEWTON, score=cal_score, progress=False)
+    refs = reference_ids(parts, 2)
+    assert refs == [t for g in parts for t in sorted(parts[g])[-2:]]
+    store = run.feature_store(df, progress=False)
+    ref_q = [query_from_spec(f"train:{t}", run, store, df) for t in refs]
+    on_refs = credit(run, df, ref_q, "newton", settings=NEWTON, score=SCORE, progress=False)
+    for g in parts:  # the offset is the median change over the reference tracks
+        changes = [t.set_index("group").loc[g, "score"] for t in on_refs]
+        offset = cal[0].set_index("group").loc[g, "offset"]
+        assert math.isclose(offset, float(np.median(changes)), rel_tol=1e-4, abs_tol=1e-7)
+    for a, b in zip(raw, cal):
+        a, b = a.set_index("group"), b.set_index("group")
+        assert np.allclose(b["score"], a["score"] - b["offset"])
+        assert np.allclose(b["elbo"], a["elbo"])  # the ELBO-style change is not calibrated
+        assert math.isclose(b["share"].sum(), 1.0)
+    assert cal[0].attrs["record"]["seconds_calibration"] > 0
+    again = credit(run, df, qs, "newton", settings=NEWTON, score=cal_score, progress=False)
+    assert again[0].attrs["record"]["seconds_calibration"] == cal[0].attrs["record"][
+        "seconds_calibration"]  # read back from the cache
+
+
 def test_positive_shares():
     assert np.allclose(positive_shares([2.0, -1.0, 6.0]), [0.25, 0.0, 0.75])
     assert np.allclose(positive_shares([-2.0, -1.0]), [0.5, 0.5])
@@ -282,6 +309,14 @@ def test_evaluate_credit_end_to_end(setup, tmp_path):
 # ---------------------------------------------------------------- CLI and report
 
 
+def test_credit_defaults_to_the_opt_out_default_of_the_models_kind(setup):
+    df, run, qs = setup["manifest"], setup["run"], setup["queries"]
+    tables = credit(run, df, qs[:1], score=SCORE, progress=False,
+                    settings={"steps": 2, "batch_size": 4, "retain_batch_size": 4})
+    assert tables[0]["method"].iloc[0] == "concept_ablation"
+    assert tables[0].attrs["record"]["settings"]["steps"] == 2
+
+
 def test_cli_credit_and_evaluate(setup, tmp_path):
     corpus = Path(setup["manifest"].attrs["root"])
     args = ["--run", str(setup["run"].path), "--corpus", str(corpus)]
@@ -306,9 +341,11 @@ def test_cli_credit_and_evaluate(setup, tmp_path):
     bad = CliRunner().invoke(app, ["credit", "train:beta-04", *args, "--by", "composer"])
     assert bad.exit_code != 0 and "no such column" in str(bad.exception or bad.output)
     res = CliRunner().invoke(app, ["evaluate", "credit", "train:beta-04", *args, "-o",
-                                   str(tmp_path / "e"), "--methods", "clap-centroid"])
+                                   str(tmp_path / "e"), "--methods", "clap-centroid",
+                                   "--seeds", "2"])
     assert res.exit_code == 0, res.output
-    assert "clap-centroid" in res.output and "logo" in res.output
+    assert "clap-centroid" in res.output and "logo: seed vs seed" in res.output
+    assert "top1_low" in res.output
 
 
 def test_report_shows_credit_by_artist(setup, tmp_path):

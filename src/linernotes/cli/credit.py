@@ -50,8 +50,10 @@ def credit_cmd(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("credit"), "--out", "-o", help="Folder for credit tables."),
     by: str = typer.Option("artist", help="Manifest column defining the groups."),
-    method: str = typer.Option("grad_diff", help="An opt-out method (grad_diff, siss, ...), "
-                               "newton, clap-centroid, unlearning-sum, trak-sum, ... or logo."),
+    method: str = typer.Option(None, help="An opt-out method (concept_ablation, grad_diff, "
+                               "siss, ...), newton, clap-centroid, unlearning-sum, trak-sum, "
+                               "... or logo. Default: the opt-out default of the model's kind "
+                               "(concept_ablation for diffusion, mirrored for autoregressive)."),
     settings: list[str] = typer.Option(None, "--set", help="KEY=VALUE setting of the method."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     scores: Path = typer.Option(None, help="-sum methods: a folder of `attribute` score "
@@ -63,8 +65,10 @@ def credit_cmd(
     import json
 
     from linernotes.credit import credit
+    from linernotes.unlearning.trainer import default_method
 
     r, m, qs = _credit_inputs(run, corpus, queries, caption)
+    method = method or default_method(r.task)
     given = None
     if scores is not None:
         if not method.endswith("-sum") or not scores.is_dir():
@@ -105,10 +109,13 @@ def evaluate_credit_cmd(
     corpus: Path = typer.Option(Path("corpus"), help="The corpus the run was trained on."),
     out: Path = typer.Option(Path("credit-eval"), "--out", "-o", help="Folder for the results."),
     by: str = typer.Option("artist", help="Manifest column defining the groups."),
-    methods: str = typer.Option("grad_diff,newton,clap-centroid,unlearning-sum,trak-sum",
+    methods: str = typer.Option("concept_ablation,grad_diff,newton,clap-centroid",
                                 help="Comma-separated credit methods compared with LOGO."),
     caption: str = typer.Option(None, help="Caption for a plain audio query."),
     k: int = int_option(3, "Cut-off of NDCG@k.", min=1),
+    seeds: int = int_option(1, "LOGO's training seeds: the gold standard is the seed-averaged "
+                            "change; 2 or more add LOGO's own seed-to-seed agreement (the "
+                            "ceiling).", min=1),
 ) -> None:
     """Compare group-credit methods with leave-one-group-out retraining (retrains are cached)."""
     from linernotes.credit import evaluate_credit
@@ -117,8 +124,11 @@ def evaluate_credit_cmd(
     if not names:
         raise LinernotesError("--methods names no method.")
     r, m, qs = _credit_inputs(run, corpus, queries, caption)
-    summary, _ = evaluate_credit(r, m, qs, names, by, out_dir=out, k=k)
-    print_table(summary.round(4), f"Group credit vs LOGO over {len(qs)} queries ({by}):")
+    summary, _ = evaluate_credit(r, m, qs, names, by, out_dir=out, k=k, seeds=seeds)
+    cols = ["method", "top1", "top1_low", "top1_high", f"ndcg@{k}", f"ndcg@{k}_low",
+            f"ndcg@{k}_high", "spearman", "mrr", "seconds", "fraction_of_logo"]
+    print_table(summary[cols].round(4), f"Group credit vs LOGO over {len(qs)} queries ({by}; "
+                "_low/_high: 95% bootstrap interval over the queries):")
     typer.echo(f"Wrote {out / 'credit_eval.parquet'} and the per-query detail beside it.")
 
 

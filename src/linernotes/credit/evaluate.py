@@ -120,24 +120,32 @@ def seed_ceiling(gold: Sequence[pd.DataFrame], k: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(detail: pd.DataFrame, seconds: Mapping[str, float], logo_seconds: float,
-              k: int = 3, resamples: int = RESAMPLES) -> pd.DataFrame:
+def summarise(detail: pd.DataFrame, seconds: Mapping[str, tuple[float, float]],
+              logo_seconds: float, k: int = 3, resamples: int = RESAMPLES) -> pd.DataFrame:
     """One row per method: mean metrics over queries with bootstrap intervals (`<metric>_low`,
-    `<metric>_high`), seconds and the fraction of LOGO's."""
+    `<metric>_high`); `seconds` (the one-off work on the groups: unlearning every group, or
+    LOGO's retraining) and its fraction of LOGO's; `seconds_per_query` (scoring a query under
+    every group's model: the same kind of work for LOGO and group unlearning). `seconds` maps a
+    method to (group seconds, seconds per query)."""
     agg = detail.groupby("method", sort=False).agg(
         queries=("query", "count"), ndcg_queries=("ndcg", "count")).reset_index()
     agg = agg.merge(intervals(detail, METRICS, resamples=resamples), on="method")
-    agg["seconds"] = [float(seconds.get(m, math.nan)) for m in agg["method"]]
+    agg["seconds"] = [float(seconds.get(m, (math.nan, math.nan))[0]) for m in agg["method"]]
+    agg["seconds_per_query"] = [float(seconds.get(m, (math.nan, math.nan))[1])
+                                for m in agg["method"]]
     agg["fraction_of_logo"] = agg["seconds"] / logo_seconds if logo_seconds > 0 else math.nan
     return agg.rename(columns=lambda c: c.replace("ndcg", f"ndcg@{k}")
                       .replace(f"ndcg@{k}_queries", "ndcg_queries"))
 
 
-def _method_specs(methods: Sequence[str] | Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+def _method_specs(methods: Sequence[str] | Mapping[str, Any]
+                  ) -> dict[str, tuple[str, Any, dict]]:
+    """{label: (method, settings, CreditSettings changes)}."""
     if isinstance(methods, Mapping):
-        return {label: (spec, None) if isinstance(spec, str) else (spec[0], spec[1])
+        return {label: (spec, None, {}) if isinstance(spec, str) else
+                (spec[0], spec[1], dict(spec[2]) if len(spec) > 2 else {})
                 for label, spec in methods.items()}
-    return {m: (m, None) for m in methods}
+    return {m: (m, None, {}) for m in methods}
 
 
 def evaluate_credit(
@@ -148,14 +156,16 @@ def evaluate_credit(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every method's group ranking against LOGO, per query and on average.
 
-    `methods`: names, or {label: name or (name, settings)}. Group-unlearning methods also get a
-    row ranked by their ELBO-style estimate (`<label> [elbo]`) when `elbo`. Returns (summary:
+    `methods`: names, or {label: name, (name, settings) or (name, settings, changes to
+    `score` for this method, such as {"reference_tracks": 2})}. Group-unlearning methods also get a
+    row ranked by their ELBO-style estimate (`<label> [elbo]`) when `elbo` (not when calibrated:
+    the calibration is of the fixed-draw change). Returns (summary:
     one row per method with Top-1, NDCG@k, Spearman, MRR, seconds and fraction of LOGO's
     retraining seconds; detail: one row per query and method). `seeds`: LOGO's training seeds
     (the gold standard is their average; with 2 or more the summary holds LOGO's own ceiling,
-    `seed_ceiling`). A method's seconds are its group unlearning plus scoring the queries; the
-    fraction is of one seed's LOGO (retraining plus scoring). With `out_dir`, both are
-    written there as Parquet with a JSON record.
+    `seed_ceiling`). A method's seconds are its one-off group unlearning (a baseline's: its
+    whole work), the fraction is of one seed's LOGO retraining, and scoring each query is
+    `seconds_per_query`. With `out_dir`, both are written there as Parquet with a JSON record.
     """
     from linernotes.credit.front import credit
 
@@ -166,20 +176,23 @@ def evaluate_credit(
     gold = credit(run, manifest, queries, "logo", by=by, score=s, progress=progress,
                   settings={"seeds": seeds})
     grec = gold[0].attrs["record"]
-    logo_seconds = float(grec["seconds_groups"]) + grec["seconds_queries"] / len(grec["seeds"])
+    logo_seconds = float(grec["seconds_groups"])  # one seed's retraining
+    per_query = grec["seconds_queries"] / len(grec["seeds"]) / len(queries)
     tables: dict[str, list[pd.DataFrame]] = {}
     column: dict[str, str] = {}
-    seconds: dict[str, float] = {"logo": logo_seconds, ONE_SEED: logo_seconds,
-                                 SEED_VS_SEED: logo_seconds}
-    for label, (name, settings) in specs.items():
+    seconds = {m: (logo_seconds, per_query) for m in ("logo", ONE_SEED, SEED_VS_SEED)}
+    for label, (name, settings, changes) in specs.items():
         if progress:
             print(f"evaluate credit: {label}", file=sys.stderr, flush=True)
-        got = credit(run, manifest, queries, name, by=by, settings=settings, score=s,
-                     progress=progress)
+        got = credit(run, manifest, queries, name, by=by, settings=settings,
+                     score=s.replace(**changes), progress=progress)
         rec = got[0].attrs["record"]
-        secs = float(rec.get("seconds_groups", 0.0)) + float(rec.get("seconds_queries", 0.0))
+        if "seconds_groups" in rec:
+            secs = (float(rec["seconds_groups"]), float(rec["seconds_queries"]) / len(queries))
+        else:  # a baseline: its whole work is per query
+            secs = (float(rec.get("seconds_queries", 0.0)), math.nan)
         tables[label], seconds[label] = got, secs
-        if elbo and name in group_methods():
+        if elbo and name in group_methods() and not changes.get("reference_tracks"):
             tables[f"{label} [elbo]"], column[f"{label} [elbo]"] = got, "elbo"
             seconds[f"{label} [elbo]"] = secs
         if out_dir is not None:
@@ -200,7 +213,7 @@ def evaluate_credit(
                                              "source": q.source})
         write_json(out / "credit_eval.json", {
             "run": run.hash, "by": by, "k": k, "score": s.to_dict(),
-            "queries": [q.key for q in queries], "methods": {lab: n for lab, (n, _) in
+            "queries": [q.key for q in queries], "methods": {lab: n for lab, (n, _, _) in
                                                               specs.items()},
             "logo_seeds": grec["seeds"],
             "logo_seconds": logo_seconds, "summary": summary.to_dict("records")})

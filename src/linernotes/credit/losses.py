@@ -49,6 +49,7 @@ class CreditSettings(Settings):
     elbo_noise: int = 2
     elbo_weight: str = "v"
     batch_size: int = 64  # rows per forward
+    reference_tracks: int = 0  # per group, for calibrated group unlearning (`calibrate.py`)
 
     def validate(self) -> None:
         require(self.timesteps >= 1 and self.elbo_timesteps >= 1 and self.elbo_noise >= 1,
@@ -57,6 +58,13 @@ class CreditSettings(Settings):
         require(self.elbo_weight in ELBO_WEIGHTS,
                 f"elbo_weight must be one of {', '.join(ELBO_WEIGHTS)}.")
         require(self.batch_size >= 1, "batch_size must be >= 1.")
+        require(self.reference_tracks >= 0, "reference_tracks must be >= 0 (0 = no "
+                "calibration).")
+
+    def loss_key(self) -> str:
+        """Hash of what a query's losses depend on (not how they are calibrated afterwards)."""
+        return hash_json({"class": type(self).__name__, **{
+            k: v for k, v in self.to_dict().items() if k != "reference_tracks"}})
 
     def score(self) -> ScoreSettings:
         return ScoreSettings(timesteps=self.timesteps, stride=self.stride, seed=self.seed,
@@ -138,7 +146,7 @@ class LossCache:
 
     def _path(self, query: Query, model_key: str) -> Path:
         return (self.folder / hash_json(model_key)[:16]
-                / f"{query_hash(query)}-{self.s.hash()}.json")
+                / f"{query_hash(query)}-{self.s.loss_key()}.json")
 
     def peek(self, query: Query, model_key: str) -> dict | None:
         """The cached losses of `query` under `model_key`, or None."""

@@ -127,18 +127,21 @@ def read_credit(path: str | Path) -> pd.DataFrame:
 
 def change_tables(
     queries: Sequence[Query], method: str, by: str, parts: Mapping[str, list[str]],
-    after: dict, base: dict,
+    after: dict, base: dict, offsets: Mapping[str, float] | None = None,
 ) -> list[pd.DataFrame]:
-    """Tables of (loss under the group's model − loss under the full model) per query."""
+    """Tables of (loss under the group's model − loss under the full model) per query, less
+    each group's `offsets` when given (calibrated credit: `calibrate.py`; column `offset`)."""
     n = {g: len(ids) for g, ids in parts.items()}
+    off = {g: float((offsets or {}).get(g, 0.0)) for g in parts}
+    extra = {"offset": off} if offsets is not None else {}
     out = []
     for q in queries:
         b, a = base[q.key], after[q.key]
         out.append(credit_table(
-            q.key, method, by, {g: a[g]["fixed"] - b["fixed"] for g in parts}, n,
+            q.key, method, by, {g: a[g]["fixed"] - b["fixed"] - off[g] for g in parts}, n,
             {g: a[g]["elbo"] - b["elbo"] for g in parts},
-            {g: np.subtract(a[g]["fixed_draws"], b["fixed_draws"]) for g in parts},
+            {g: np.subtract(a[g]["fixed_draws"], b["fixed_draws"]) - off[g] for g in parts},
             loss_before={g: b["fixed"] for g in parts},
-            loss_after={g: a[g]["fixed"] for g in parts},
+            loss_after={g: a[g]["fixed"] for g in parts}, **extra,
         ))
     return out

@@ -331,7 +331,8 @@ def available_methods() -> dict[str, type[UnlearningMethod]]:
 
 
 #: `optout`'s default method, by kind of loss: the one that came closest to retraining in the
-#: audits of docs/benchmarks.md (the diffusion reference's, and the autoregressive reference's)
+#: audits of docs/benchmarks.md (the diffusion reference's, and the autoregressive reference's);
+#: also `credit`'s (for diffusion, the credit benchmark's choice too)
 DEFAULT_METHODS = {"diffusion": "concept_ablation", "autoregressive": "mirrored"}
 
 
