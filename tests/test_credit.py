@@ -321,10 +321,12 @@ def test_cli_credit_and_evaluate(setup, tmp_path):
     corpus = Path(setup["manifest"].attrs["root"])
     args = ["--run", str(setup["run"].path), "--corpus", str(corpus)]
     res = CliRunner().invoke(app, ["credit", "train:beta-04", *args, "-o", str(tmp_path / "c"),
-                                   "--method", "newton", "--set", "draws=4", "--top", "2"])
+                                   "--method", "newton", "--set", "draws=4", "--top", "2",
+                                   "--reference-tracks", "1"])
     assert res.exit_code == 0, res.output
     assert "beta-04" in res.output and "%" in res.output and "95% (draws)" in res.output
-    assert (tmp_path / "c" / "beta-04.newton.parquet").exists()
+    written = read_credit(tmp_path / "c" / "beta-04.newton.parquet")
+    assert "offset" in written.columns  # calibrated
     ids = [t for g in groups(setup["manifest"], setup["run"]).values() for t in g]
     write_scores(score_table("beta-04", "unlearning", ids, np.ones(len(ids)), setup["manifest"]),
                  tmp_path / "s" / "beta-04.parquet", {"run": setup["run"].hash})

@@ -60,11 +60,14 @@ def credit_cmd(
                                 "tables (<query>.parquet) to sum instead of attributing again."),
     top: int = int_option(10, "How many groups to print per query.", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    reference_tracks: int = int_option(
+        0, "Calibrate group unlearning: take off each group's median loss change over this "
+        "many training tracks per group (0: no calibration).", min=0),
 ) -> None:
     """Credit each query to groups of training tracks (artists), by unlearning each group."""
     import json
 
-    from linernotes.credit import credit
+    from linernotes.credit import CreditSettings, credit
     from linernotes.unlearning.trainer import default_method
 
     r, m, qs = _credit_inputs(run, corpus, queries, caption)
@@ -77,7 +80,8 @@ def credit_cmd(
         given = {q.key: scores / f"{q.key}.parquet" for q in qs
                  if (scores / f"{q.key}.parquet").exists()}
     tables = credit(r, m, qs, method, by=by, settings=_credit_settings(method, settings),
-                    out_dir=out, track_tables=given)
+                    out_dir=out, track_tables=given,
+                    score=CreditSettings(reference_tracks=reference_tracks))
     cols = ["rank", "group", "share", "share_low", "share_high", "softmax", "score", "elbo",
             "n_tracks"]
     if as_json:
