@@ -1,4 +1,7 @@
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -74,6 +77,42 @@ def test_scores_are_deterministic_and_self_influence_ranks_first(setup, tmp_path
     first = att.attribute(track_query(setup, 0), tmp_path / "out3", FAST_UNLEARN)
     assert np.array_equal(again["score"].to_numpy(), first["score"].to_numpy())
     assert (tmp_path / "out" / f"{track_query(setup, 0).key}.json").exists()
+
+
+def test_two_stage_scores_the_first_stages_top_tracks_exactly(setup, tmp_path):
+    q = track_query(setup, 3)
+    exact = attributor(setup, tmp_path / "cache").attribute(q, tmp_path / "exact", FAST_UNLEARN)
+    m = 5
+    two = attributor(setup, tmp_path / "cache", FAST_SCORE.replace(candidates=m)).attribute(
+        q, tmp_path / "two", FAST_UNLEARN)
+    assert two["exact"].sum() == m and exact["exact"].all()
+    ex, tw = exact.set_index("track_id"), two.set_index("track_id")
+    chosen = tw.index[tw["exact"]]
+    # the candidates are the first stage's top m, scored exactly as the one-stage pass scores them
+    assert set(chosen) == set(tw["coarse_score"].nlargest(m).index)
+    np.testing.assert_allclose(tw.loc[chosen, "score"], ex.loc[chosen, "score"], rtol=1e-5,
+                               atol=1e-7)
+    assert tw.loc[~tw["exact"], "loss_after"].isna().all()
+    # exactly scored tracks rank first, by their exact score; the rest after them
+    assert sorted(tw.loc[chosen, "rank"]) == list(range(1, m + 1))
+    assert (tw.loc[~tw["exact"], "rank"] > m).all()
+    top = tw.loc[chosen].sort_values("rank")
+    assert (np.diff(top["score"].to_numpy()) <= 0).all()
+    # the first stage is few timesteps spread over the schedule
+    assert FAST_SCORE.coarse().timesteps == 4 and FAST_SCORE.coarse().stride == 250
+    record = json.loads((tmp_path / "two" / f"{q.key}.json").read_text())
+    assert record["two_stage"]["candidates"] == m
+
+
+def test_two_stage_with_every_track_a_candidate_is_exact_attribution(setup, tmp_path):
+    q = track_query(setup, 1)
+    exact = attributor(setup, tmp_path / "cache").attribute(q, tmp_path / "exact", FAST_UNLEARN)
+    for m in (len(setup["ids"]), 10_000):
+        all_in = attributor(setup, tmp_path / "cache", FAST_SCORE.replace(candidates=m)
+                            ).attribute(q, tmp_path / f"m{m}", FAST_UNLEARN)
+        pd.testing.assert_frame_equal(all_in, exact)
+    with pytest.raises(LinernotesError, match="candidates must be >= 0"):
+        FAST_SCORE.replace(candidates=-1)
 
 
 def test_scores_do_not_change_with_batch_size(setup):

@@ -61,6 +61,11 @@ class ScoreSettings(Settings):
     # within the draws' own noise (docs/benchmarks.md, scale section (8)); float32 by default
     precision: str = setting("float32", "Scoring forwards in float32 or bfloat16 (autocast; "
                              "2x faster on CPUs with AMX, and GPUs).")
+    candidates: int = setting(0, "Two-stage scoring: every track at coarse_timesteps first, "
+                              "then only this many top tracks at every timestep (0: every "
+                              "track at every timestep).")
+    coarse_timesteps: int = setting(4, "Timesteps of the first stage of two-stage scoring "
+                                    "(spread over the schedule).")
 
     def validate(self) -> None:
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
@@ -70,6 +75,14 @@ class ScoreSettings(Settings):
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1 and self.shard_size >= 1,
                 "batch and shard sizes must be >= 1.")
+        require(self.candidates >= 0, "candidates must be >= 0 (0: no first stage).")
+        require(1 <= self.coarse_timesteps <= 1000, "coarse_timesteps must be in 1..1000.")
+
+    def coarse(self) -> ScoreSettings:
+        """The first stage of two-stage scoring: `coarse_timesteps` spread over the schedule,
+        the rest as here."""
+        return self.replace(timesteps=self.coarse_timesteps,
+                            stride=1000 // self.coarse_timesteps, candidates=0)
 
     def draw_key(self) -> dict:
         """What the losses depend on (the draws, the masking and a non-default precision)."""

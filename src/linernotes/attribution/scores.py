@@ -17,14 +17,24 @@ def score_table(
     query: str, method: str, track_ids: list[str], scores: np.ndarray, manifest: pd.DataFrame,
     **extra: np.ndarray,
 ) -> pd.DataFrame:
-    """Scores with rank 1 = most credited (ties share the best rank), joined with metadata."""
+    """Scores with rank 1 = most credited (ties share the best rank), joined with metadata.
+
+    With an `exact` column (two-stage scoring), the exactly scored tracks rank first, by score,
+    and the others after them, by their (first-stage) score.
+    """
     meta = manifest.set_index("track_id").loc[track_ids]
+    s = np.asarray(scores, dtype=np.float64)
+    rank = rankdata(-s, method="min").astype(np.int64)
+    if "exact" in extra and not np.all(extra["exact"]):
+        first = np.asarray(extra["exact"], dtype=bool)
+        rank[first] = rankdata(-s[first], method="min")
+        rank[~first] = rankdata(-s[~first], method="min") + int(first.sum())
     df = pd.DataFrame({
         "query": query,
         "method": method,
         "track_id": track_ids,
-        "score": np.asarray(scores, dtype=np.float64),
-        "rank": rankdata(-np.asarray(scores), method="min").astype(np.int64),
+        "score": s,
+        "rank": rank,
         "artist": meta["artist"].to_numpy(),
         "title": meta["title"].to_numpy(),
         "caption": meta["caption"].to_numpy(),

@@ -3,6 +3,12 @@
 score(z_i) = log L(z_i; θ_unlearned) − log L(z_i; θ0) (or the plain difference, the papers'
 score, with `ScoreSettings(kind="delta")`), both losses at the same fixed draws. The loss at θ0 is
 computed once per (run, draws) and cached; several queries share it.
+
+Two-stage scoring (`ScoreSettings.candidates` = M > 0, fewer than the training tracks): the same
+unlearned model scores every track at `coarse_timesteps` (a few, spread over the schedule), then
+only the M best of that first stage at every timestep. The table's `exact` column marks those M;
+they rank first, by their exact score (`scores.score_table`), the rest after them by their coarse
+score (`coarse_score` holds every track's). Each stage is sharded and resumable like one pass.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from linernotes.artifacts import hash_json
 from linernotes.attribution.attributor import Attributor, Scored
@@ -49,12 +55,15 @@ class UnlearningAttributor(Attributor):
     def baseline(self) -> np.ndarray:
         """Every training track's loss at θ0 (computed once, then read from the cache)."""
         if self._before is None:
-            key = hash_json({**self._provenance(), **self.score.draw_key()})
-            self._before = sharded_losses(
-                self.task, self.model, self.train, self.train_ids, self.score,
-                self.cache_dir / f"baseline-{key}", self._provenance(), "baseline", self.progress,
-            )
+            self._before = self.baseline_at(self.score)
         return self._before
+
+    def baseline_at(self, score: ScoreSettings) -> np.ndarray:
+        """Every training track's loss at θ0 under `score`'s draws (cached)."""
+        key = hash_json({**self._provenance(), **score.draw_key()})
+        return sharded_losses(
+            self.task, self.model, self.train, self.train_ids, score,
+            self.cache_dir / f"baseline-{key}", self._provenance(), "baseline", self.progress)
 
     def scores(self, query: Query, work: Path, settings: UnlearnSettings | None = None) -> Scored:
         """Unlearn `query` (with `settings`, default the attributor's), score every track."""
@@ -65,15 +74,49 @@ class UnlearningAttributor(Attributor):
                                       n_train=len(self.train_ids))
         t1 = time.perf_counter()
         key = hash_json([settings.to_dict(), record["alpha"], self.score.draw_key()])
+        provenance = {**self._provenance(), "query": query.key, "unlearn": settings.to_dict()}
+        n, m = len(self.train_ids), self.score.candidates
         with applied(self.model, delta):
-            after = sharded_losses(
-                self.task, self.model, self.train, self.train_ids, self.score,
-                Path(work) / f"{query.key}-{key}",
-                {**self._provenance(), "query": query.key, "unlearn": settings.to_dict()},
-                f"score {query.key}", self.progress,
-            )
+            if m <= 0 or m >= n:  # every track at every timestep
+                after = sharded_losses(
+                    self.task, self.model, self.train, self.train_ids, self.score,
+                    Path(work) / f"{query.key}-{key}", provenance, f"score {query.key}",
+                    self.progress)
+                columns = {"loss_before": before, "loss_after": after,
+                           "exact": np.ones(n, dtype=bool)}
+                scores = score_of(before, after, self.score.kind)
+            else:
+                scores, columns = self._two_stage(query, work, key, provenance, before, m, record)
         t2 = time.perf_counter()
         record.update({"unlearn": settings.to_dict(), "score": self.score.to_dict(),
                        "seconds_unlearn": t1 - t0, "seconds_score": t2 - t1})
-        return Scored(score_of(before, after, self.score.kind), record,
-                      {"loss_before": before, "loss_after": after})
+        return Scored(scores, record, columns)
+
+    def _two_stage(self, query: Query, work: Path, key: str, provenance: dict,
+                   before: np.ndarray, m: int, record: dict) -> tuple[np.ndarray, dict]:
+        """Coarse scores of every track, exact scores of the top m (the model is unlearned)."""
+        coarse = self.score.coarse()
+        t0 = time.perf_counter()
+        after_c = sharded_losses(
+            self.task, self.model, self.train, self.train_ids, coarse,
+            Path(work) / f"{query.key}-{key}-coarse{coarse.timesteps}",
+            provenance, f"score {query.key} (first stage)", self.progress)
+        coarse_scores = score_of(self.baseline_at(coarse), after_c, coarse.kind)
+        top = np.sort(np.argsort(-coarse_scores, kind="stable")[:m])
+        t1 = time.perf_counter()
+        after_top = sharded_losses(
+            self.task, self.model, Subset(self.train, top.tolist()),
+            [self.train_ids[i] for i in top], self.score,
+            Path(work) / f"{query.key}-{key}-top{m}-{hash_json(top.tolist())[:8]}",
+            provenance, f"score {query.key} (top {m})", self.progress)
+        scores = coarse_scores.copy()
+        scores[top] = score_of(before[top], after_top, self.score.kind)
+        after = np.full(len(scores), np.nan)
+        after[top] = after_top
+        exact = np.zeros(len(scores), dtype=bool)
+        exact[top] = True
+        record.update({"two_stage": {"candidates": m, "coarse_timesteps": coarse.timesteps,
+                                     "seconds_first": t1 - t0,
+                                     "seconds_second": time.perf_counter() - t1}})
+        return scores, {"loss_before": before, "loss_after": after, "exact": exact,
+                        "coarse_score": coarse_scores}

@@ -75,7 +75,8 @@ def methods(
 @on_device
 @with_settings(UNLEARN_OPTIONS,
                Options("score", ScoreSettings, ("mask_train", "timesteps", "stride", "kind",
-                                                "precision"), {"kind": "score-kind"}))
+                                                "precision", "candidates", "coarse_timesteps"),
+                       {"kind": "score-kind"}))
 def attribute(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
                                         "(with --caption) or train:<track id>."),
