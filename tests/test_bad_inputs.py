@@ -27,7 +27,8 @@ ZERO_OK = {
     "--seed", "--clap-seed", "--random-seed", "--alpha", "--damping", "--samples",
     "--retrain-steps", "--max-retain", "--pairs", "--budget", "--workers", "--extra-seeds",
     "--paired-subsets", "--forget-tol", "--auc-tol", "--utility-tol", "--resemblance-tol",
-    "--ema-decay", "--warmup", "--guidance", "init --seconds",
+    "--ema-decay", "--warmup", "--guidance", "init --seconds", "--candidates",
+    "--reference-tracks",
 }
 #: What each command needs besides the option, so that nothing real starts if a value slips
 #: through: paths that do not exist.
