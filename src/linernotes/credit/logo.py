@@ -64,7 +64,8 @@ def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = 
 
     `only` limits the retrains to some groups (by name); `seed` trains them with another seed
     than the recipe's. `full` adds the full model at that seed under the name `FULL` (the run
-    itself at the recipe's seed, with 0 s: it is not a LOGO cost).
+    itself at the recipe's seed, with 0 s). The full model's seconds are not counted as LOGO's
+    cost by `logo_credit`.
     """
     if run.parent:
         raise LinernotesError(
@@ -79,10 +80,11 @@ def logo_runs(run, manifest: pd.DataFrame, by: str = "artist", progress: bool = 
     retrainer = Retrainer(run, manifest, progress=progress)
     recipe_seed = seed is None or int(seed) == int(run.config["train"]["seed"])
     out: dict[str, tuple[object, float]] = {}
-    if full:
-        out[FULL] = (run, 0.0) if recipe_seed else (retrainer([], seed), 0.0)
-        if not recipe_seed:
-            out[FULL] = (out[FULL][0], retrain_seconds(out[FULL][0]))
+    if full and recipe_seed:
+        out[FULL] = (run, 0.0)
+    elif full:
+        whole = retrainer([], seed)
+        out[FULL] = (whole, retrain_seconds(whole))
     names = [g for g in parts if only is None or g in only]
     at = "" if recipe_seed else f", seed {seed}"
     for k, name in enumerate(names):
