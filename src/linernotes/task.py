@@ -98,6 +98,17 @@ class Task(abc.ABC):
 
 
 @contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block; its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def trainable(model: nn.Module, names: Iterable[str], train: bool = False) -> Iterator[None]:
     """Only the parameters `names` need gradients inside the block, and the model is in train
     (or eval) mode; the flags and the mode are restored after."""

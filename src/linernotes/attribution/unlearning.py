@@ -47,23 +47,25 @@ class UnlearningAttributor(Attributor):
         self.score = score or ScoreSettings()
         self.unlearn = unlearn or UnlearnSettings()
         self.progress = progress
-        self._before: np.ndarray | None = None
+        self._baselines: dict[str, np.ndarray] = {}  # by draw key
 
     def _provenance(self) -> dict:
         return {"run": self.run_hash, "tracks": hash_json(self.train_ids)}
 
     def baseline(self) -> np.ndarray:
         """Every training track's loss at θ0 (computed once, then read from the cache)."""
-        if self._before is None:
-            self._before = self.baseline_at(self.score)
-        return self._before
+        return self.baseline_at(self.score)
 
     def baseline_at(self, score: ScoreSettings) -> np.ndarray:
-        """Every training track's loss at θ0 under `score`'s draws (cached)."""
+        """Every training track's loss at θ0 under `score`'s draws: computed once (on disk,
+        shared by every attributor of the run), then kept for this attributor's queries."""
         key = hash_json({**self._provenance(), **score.draw_key()})
-        return sharded_losses(
-            self.task, self.model, self.train, self.train_ids, score,
-            self.cache_dir / f"baseline-{key}", self._provenance(), "baseline", self.progress)
+        if key not in self._baselines:
+            self._baselines[key] = sharded_losses(
+                self.task, self.model, self.train, self.train_ids, score,
+                self.cache_dir / f"baseline-{key}", self._provenance(), "baseline",
+                self.progress)
+        return self._baselines[key]
 
     def scores(self, query: Query, work: Path, settings: UnlearnSettings | None = None) -> Scored:
         """Unlearn `query` (with `settings`, default the attributor's), score every track."""

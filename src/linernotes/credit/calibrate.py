@@ -27,6 +27,7 @@ from linernotes.attribution.losses import track_losses
 from linernotes.credit.losses import CreditSettings
 from linernotes.data.dataset import TrackDataset
 from linernotes.data.manifest import positions
+from linernotes.task import evaluating
 
 
 def reference_ids(parts: Mapping[str, list[str]], per_group: int) -> list[str]:
@@ -36,12 +37,8 @@ def reference_ids(parts: Mapping[str, list[str]], per_group: int) -> list[str]:
 
 @torch.inference_mode()
 def _losses(run, model, data, score) -> np.ndarray:
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return track_losses(run.task, model, data, score)
-    finally:
-        model.train(was)
 
 
 def reference_offsets(

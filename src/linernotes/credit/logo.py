@@ -20,6 +20,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -108,36 +109,42 @@ def logo_credit(run, manifest: pd.DataFrame, queries: Sequence[Query], by: str =
     """
     s = score or CreditSettings()
     parts = groups(manifest, run, by)
-    entries, per_seed = [], {}
-    for seed in logo_seeds(run, seeds):
+    entries, per_seed, retrained_paths = [], {}, {}
+    for k, seed in enumerate(logo_seeds(run, seeds)):
         retrained = logo_runs(run, manifest, by, progress, seed=seed, full=seeds > 1)
         per_seed[seed] = sum(sec for g, (_, sec) in retrained.items() if g != FULL)
+        retrained_paths.update({  # {group: path} at the recipe seed, as with one seed
+            (g or "full model") + (f" (seed {seed})" if k else ""): str(r.path)
+            for g, (r, _) in retrained.items() if r is not run})
         entries += [((g, seed), f"run/{r.hash}", _entering(r)) for g, (r, _) in retrained.items()
-                    if not (g == FULL and r is run)]
+                    if r is not run]  # the run itself is the base of `loss_changes`
     after, base, seconds = loss_changes(run, manifest, queries, entries, s)
     seed_list = list(per_seed)
+    n = {g: len(ids) for g, ids in parts.items()}
     tables = []
     for q in queries:
-        full = {seed: after[q.key].get((FULL, seed), base[q.key]) for seed in seed_list}
-        change = {seed: {g: after[q.key][(g, seed)]["fixed"] - full[seed]["fixed"]
-                         for g in parts} for seed in seed_list}
-        elbo = {g: sum(after[q.key][(g, seed)]["elbo"] - full[seed]["elbo"]
-                       for seed in seed_list) / len(seed_list) for g in parts}
-        mean = {g: sum(change[seed][g] for seed in seed_list) / len(seed_list) for g in parts}
-        draws = {g: np.mean([np.subtract(after[q.key][(g, seed)]["fixed_draws"],
-                                         full[seed]["fixed_draws"]) for seed in seed_list], 0)
-                 for g in parts}
+        a = after[q.key]
+        full = {seed: a.get((FULL, seed), base[q.key]) for seed in seed_list}
+        over_seeds = partial(_over_seeds, a, full, parts)
         tables.append(credit_table(
-            q.key, "logo", by, mean, {g: len(ids) for g, ids in parts.items()}, elbo, draws,
-            loss_before={g: sum(full[seed]["fixed"] for seed in seed_list) / len(seed_list)
-                         for g in parts},
-            loss_after={g: sum(after[q.key][(g, seed)]["fixed"] for seed in seed_list)
-                        / len(seed_list) for g in parts},
-            **{seed_column(seed): change[seed] for seed in seed_list}))
+            q.key, "logo", by, over_seeds(lambda x, f: x["fixed"] - f["fixed"]), n,
+            over_seeds(lambda x, f: x["elbo"] - f["elbo"]),
+            over_seeds(lambda x, f: np.subtract(x["fixed_draws"], f["fixed_draws"])),
+            loss_before=over_seeds(lambda x, f: f["fixed"]),
+            loss_after=over_seeds(lambda x, f: x["fixed"]),
+            **{seed_column(seed): {g: a[(g, seed)]["fixed"] - full[seed]["fixed"] for g in parts}
+               for seed in seed_list}))
     record = {"seconds_groups": float(sum(per_seed.values()) / len(per_seed)),
               "seconds_all_seeds": float(sum(per_seed.values())),
-              "seconds_queries": seconds, "seeds": seed_list}
+              "seconds_queries": seconds, "seeds": seed_list, "retrained": retrained_paths}
     return tables, record
+
+
+def _over_seeds(after: dict, full: dict, parts, value) -> dict:
+    """{group: the mean over seeds of value(the group's losses, the full model's)}; `full` maps
+    each seed to the full model's losses, `after` (group, seed) to the group model's."""
+    return {g: np.mean([value(after[(g, seed)], losses) for seed, losses in full.items()],
+                       axis=0) for g in parts}
 
 
 def _entering(r):

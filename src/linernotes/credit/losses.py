@@ -25,7 +25,7 @@ from linernotes.attribution.gradients import tensor_hash
 from linernotes.attribution.losses import ScoreSettings
 from linernotes.attribution.query import Query
 from linernotes.config import Settings, require
-from linernotes.task import Task, draw_noise, fixed_timesteps
+from linernotes.task import Task, draw_noise, evaluating, fixed_timesteps
 
 ELBO_WEIGHTS = ("v", "elbo")
 
@@ -90,11 +90,6 @@ def elbo_grid(s: CreditSettings) -> tuple[np.ndarray, np.ndarray]:
     return t, w / w.mean()
 
 
-def _item(query: Query) -> dict:
-    return {"features": query.features, "mask": query.mask, "caption": query.caption,
-            "track_id": query.key, "index": -1}
-
-
 def _per_draw(task: Task, model: nn.Module, query: Query, t: torch.Tensor, noise: torch.Tensor,
               s: CreditSettings) -> np.ndarray:
     """The query's loss at each draw (t (1, D), noise (1, D, ...)), in batches; (D,) float64."""
@@ -110,9 +105,7 @@ def query_losses(task: Task, model: nn.Module, query: Query, s: CreditSettings) 
     """The query's losses under one model: "fixed" (the mean over the fixed draws), "elbo" (the
     ELBO-style estimate), and each draw's term ("fixed_draws", "elbo_draws": weighted, so that
     their means are the estimates) for intervals over the draws."""
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         n = task.draws(s.timesteps)
         t, noise = draw_noise([query.key], range(n), task.latent_shape, seed=s.seed,
                               timesteps=fixed_timesteps(s.timesteps, s.stride))
@@ -125,8 +118,6 @@ def query_losses(task: Task, model: nn.Module, query: Query, s: CreditSettings) 
             t, noise = draw_noise([query.key], range(m), task.latent_shape, seed=s.seed + 7919,
                                   timesteps=grid.tolist())
             terms = _per_draw(task, model, query, t, noise, s) * weights[np.arange(m) % len(grid)]
-    finally:
-        model.train(was)
     return {"fixed": float(fixed.mean()), "elbo": float(terms.mean()),
             "fixed_draws": fixed.tolist(), "elbo_draws": terms.tolist()}
 

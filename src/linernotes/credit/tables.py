@@ -28,10 +28,12 @@ CREDIT_COLUMNS = ["query", "method", "by", "group", "n_tracks", "score", "elbo",
 BOOTSTRAP = 1000  # resamples of the draws behind a share's interval
 
 
-def positive_shares(scores: Sequence[float]) -> np.ndarray:
-    """Negative scores clipped to 0, divided by the sum; equal shares if no score is positive."""
+def positive_shares(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Negative scores clipped to 0, divided by the sum; equal shares if no score is positive.
+    Along the last axis: a 2-D array is one set of scores per row."""
     s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, None)
-    return s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / max(len(s), 1))
+    total = s.sum(axis=-1, keepdims=True)
+    return np.where(total > 0, s / np.where(total > 0, total, 1.0), 1.0 / max(s.shape[-1], 1))
 
 
 def share_intervals(changes: np.ndarray, level: float = 0.95, resamples: int = BOOTSTRAP,
@@ -50,10 +52,7 @@ def share_intervals(changes: np.ndarray, level: float = 0.95, resamples: int = B
         return s, s
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, c.shape[1], size=(resamples, c.shape[1]))
-    means = c[:, idx].mean(axis=2).T  # (resamples, groups)
-    pos = np.clip(means, 0.0, None)
-    total = pos.sum(axis=1, keepdims=True)
-    shares = np.where(total > 0, pos / np.where(total > 0, total, 1.0), 1.0 / c.shape[0])
+    shares = positive_shares(c[:, idx].mean(axis=2).T)  # (resamples, groups)
     tail = 100 * (1 - level) / 2
     return np.percentile(shares, tail, axis=0), np.percentile(shares, 100 - tail, axis=0)
 

@@ -33,7 +33,13 @@ from linernotes.data.manifest import positions, read_manifest
 from linernotes.errors import LinernotesError
 from linernotes.registry import Registry
 from linernotes.run import Layout, Run, load_run
-from linernotes.task import PARAM_GROUPS, draw_noise, fixed_timesteps, loss_at_draws
+from linernotes.task import (
+    PARAM_GROUPS,
+    draw_noise,
+    evaluating,
+    fixed_timesteps,
+    loss_at_draws,
+)
 from linernotes.training import (
     LOSS_LOG,
     FitResult,
@@ -229,16 +235,14 @@ def fixed_losses(task, model: nn.Module, dataset: Dataset, seed: int, n_draws: i
     if dataset is None or len(dataset) == 0:
         return np.empty(0)
     ts = fixed_timesteps(n_draws, 1000 // n_draws)
-    was = model.training
-    model.eval()
     out = []
-    for lo in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(lo, min(len(dataset), lo + batch_size))])
-        t, noise = draw_noise(batch["track_id"], range(task.draws(n_draws)), task.latent_shape,
-                              seed=seed, timesteps=ts)
-        out.append(loss_at_draws(task, model, batch, t, noise, mask_padding).double().cpu()
-                   .numpy())
-    model.train(was)
+    with evaluating(model):
+        for lo in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(lo, min(len(dataset), lo + batch_size))])
+            t, noise = draw_noise(batch["track_id"], range(task.draws(n_draws)),
+                                  task.latent_shape, seed=seed, timesteps=ts)
+            out.append(loss_at_draws(task, model, batch, t, noise, mask_padding).double().cpu()
+                       .numpy())
     return np.concatenate(out)
 
 
