@@ -1,12 +1,16 @@
-"""Speed of attribution by unlearning: ours against the straightforward implementation.
+"""Speed of exact attribution by unlearning: ours against the straightforward implementation.
 
 The straightforward one (what a first implementation does, and what AbC's code does) recomputes
 every training track's loss before unlearning for each query, draws noise per batch from one
-global generator, and keeps autograd on while scoring. Ours caches the baseline once per
-(run, draws), draws noise per track id, and scores under `torch.inference_mode`. Both give the
-same kind of score; the script also checks that ours is reproducible.
+global generator, and keeps autograd on while scoring (float32, 16 tracks per batch). Ours caches
+the baseline once per (run, draws), draws noise per track id and scores under
+`torch.inference_mode`; it is measured with the old defaults (float32, 16 tracks per batch) and
+the current ones (precision auto: bfloat16 where the device runs it natively; 4 tracks per
+batch). In the same run: each scoring pass's track losses/s, its FLOP/s against this machine's
+matmul peak in the precision it ran, and its scores against float32's (Spearman, top-10).
 
-    python benchmarks/attribution_speed.py --run demo/run --corpus demo/corpus --queries 3
+    OMP_NUM_THREADS=1 python benchmarks/attribution_speed.py --run demo/run --corpus demo/corpus \
+        --queries 3 [--tracks 500]
 
 Writes the `attribution-speed` section of docs/benchmarks.md.
 """
@@ -14,6 +18,8 @@ Writes the `attribution-speed` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import platform
 import shutil
 import tempfile
 import time
@@ -22,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from scipy.stats import spearmanr
+from torch.utils.data import DataLoader, Subset
 
-from linernotes.attribution.losses import ScoreSettings, track_losses
+from linernotes.attribution.losses import ScoreSettings, score_of, track_losses
 from linernotes.attribution.query import Query
 from linernotes.attribution.unlearning import UnlearningAttributor
 from linernotes.curvature import FisherSettings
@@ -33,6 +40,9 @@ from linernotes.data.manifest import read_manifest
 from linernotes.run import load_run
 from linernotes.task import fixed_timesteps
 from linernotes.unlearning.newton import UnlearnSettings, applied, unlearn_query
+from scale import flops_per_loss, matmul_peak
+
+OLD = ScoreSettings(precision="float32", batch_size=16)  # the defaults before 2026-12-02
 
 
 def naive_losses(task, model, dataset, s: ScoreSettings) -> np.ndarray:
@@ -55,89 +65,121 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("demo/run"))
     ap.add_argument("--corpus", type=Path, default=Path("demo/corpus"))
     ap.add_argument("--queries", type=int, default=3)
+    ap.add_argument("--tracks", type=int, default=0, help="score only the first N training "
+                    "tracks (0: all)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    t_start = time.perf_counter()
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
     store, train, ids = run.train_set(manifest, progress=False)
     fisher = run.fisher(manifest, FisherSettings(), progress=False)
-    score, unlearn = ScoreSettings(), UnlearnSettings()
+    if args.tracks and args.tracks < len(ids):
+        train, ids = Subset(train, range(args.tracks)), ids[: args.tracks]
+    unlearn = UnlearnSettings()
+    default = ScoreSettings().on(run.model)
     queries = []
     for k in np.linspace(0, len(train) - 1, args.queries).astype(int):
         it = train[int(k)]
         queries.append(Query(it["track_id"], it["features"], it["mask"], it["caption"],
                              track_id=it["track_id"]))
+    track_losses(run.task, run.model, train, OLD.replace(timesteps=1))  # caption caches
     work = Path(tempfile.mkdtemp(prefix="ln-speed-"))
+    results, scores, passes = {}, {}, {}
     try:
-        # ours: the baseline is computed once (first query pays it), then cached
-        att = UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids, fisher,
-                                   work / "cache", score, progress=False)
-        t0 = time.perf_counter()
-        att.baseline()
-        t_baseline = time.perf_counter() - t0
-        ours = []
-        for q in queries:
+        for name, score in (("linernotes, old defaults", OLD), ("linernotes", default)):
+            # the baseline is computed once (first query pays it), then cached
+            att = UnlearningAttributor(run.task, run.model, run.hash, manifest, train, ids,
+                                       fisher, work / "cache", score, progress=False)
             t0 = time.perf_counter()
-            df = att.attribute(q, work / "ours", unlearn)
-            rec = pd.read_json(work / "ours" / f"{q.key}.json", typ="series")
-            ours.append((time.perf_counter() - t0, rec["seconds_unlearn"], rec["seconds_score"],
-                         int(df.set_index("track_id").loc[q.key, "rank"])))
-        again = att.attribute(queries[0], work / "ours-again", unlearn)
-        first = pd.read_parquet(work / "ours" / f"{queries[0].key}.parquet")
-        reproducible = bool(np.array_equal(first["score"].to_numpy(), again["score"].to_numpy()))
-        # straightforward: baseline per query, batch-order noise, autograd on
-        naive = []
-        for q in queries:
+            att.baseline()
+            passes[name] = time.perf_counter() - t0
+            rows = []
+            for q in queries:
+                t0 = time.perf_counter()
+                df = att.attribute(q, work / name, unlearn).set_index("track_id")
+                rec = pd.read_json(work / name / f"{q.key}.json", typ="series")
+                rows.append((time.perf_counter() - t0, rec["seconds_unlearn"],
+                             rec["seconds_score"], int(df.loc[q.key, "rank"])))
+                scores[name, q.key] = df.loc[ids, "score"].to_numpy()
+            results[name] = rows
+        again = att.attribute(queries[0], work / "again", unlearn).set_index("track_id")
+        reproducible = bool(np.array_equal(scores["linernotes", queries[0].key],
+                                           again.loc[ids, "score"].to_numpy()))
+        rows = []
+        for q in queries:  # straightforward: baseline per query, batch-order noise, autograd on
             t0 = time.perf_counter()
-            before = naive_losses(run.task, run.model, train, score)
+            before = naive_losses(run.task, run.model, train, OLD)
             t1 = time.perf_counter()
             delta, _ = unlearn_query(run.task, run.model, q, fisher, unlearn, len(ids))
             t2 = time.perf_counter()
             with applied(run.model, delta):
-                after = naive_losses(run.task, run.model, train, score)
+                after = naive_losses(run.task, run.model, train, OLD)
             t3 = time.perf_counter()
-            ranks = (-(after - before)).argsort().argsort() + 1
-            naive.append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2), int(ranks[ids.index(q.key)])))
-        t0 = time.perf_counter()
-        track_losses(run.task, run.model, train, score)
-        t_inference = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        naive_losses(run.task, run.model, train, score)
-        t_naive_pass = time.perf_counter() - t0
+            s = score_of(before, after, OLD.kind)
+            scores["straightforward", q.key] = s
+            rows.append((t3 - t0, t2 - t1, (t1 - t0) + (t3 - t2),
+                         int((-s).argsort().argsort()[ids.index(q.key)] + 1)))
+            passes["straightforward"] = (t1 - t0)
+        results["straightforward"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    o, n = np.array(ours, dtype=float), np.array(naive, dtype=float)
-    n_evals = len(ids) * score.timesteps
-    rows = [
-        {"implementation": "straightforward", "s/query": n[:, 0].mean(),
-         "unlearn s": n[:, 1].mean(), "scoring s": n[:, 2].mean(),
-         "track losses/s": n_evals / t_naive_pass,
-         "mean self-rank": n[:, 3].mean()},
-        {"implementation": "linernotes", "s/query": o[:, 0].mean(), "unlearn s": o[:, 1].mean(),
-         "scoring s": o[:, 2].mean(), "track losses/s": n_evals / t_inference,
-         "mean self-rank": o[:, 3].mean()},
-    ]
-    table = pd.DataFrame(rows)
-    ratio = n[:, 0].mean() / o[:, 0].mean()
+    flops = flops_per_loss(run.task, run.model, train, OLD)
+    peaks = {"float32": matmul_peak(2048, 1), "bfloat16": matmul_peak(2048, 1,
+                                                                      dtype=torch.bfloat16)}
+    n_evals = len(ids) * OLD.timesteps
+    precision = {"straightforward": "float32", "linernotes, old defaults": "float32",
+                 "linernotes": default.precision}
+    batch = {"straightforward": 16, "linernotes, old defaults": 16,
+             "linernotes": default.batch_size}
+    table = []
+    for name in ("straightforward", "linernotes, old defaults", "linernotes"):
+        r = np.array(results[name], dtype=float)
+        lps = n_evals / passes[name]
+        ref = "linernotes, old defaults"
+        rho = [spearmanr(scores[name, q.key], scores[ref, q.key])[0] for q in queries]
+        top = [len(set(np.argsort(-scores[name, q.key])[:10])
+                   & set(np.argsort(-scores[ref, q.key])[:10])) / 10 for q in queries]
+        table.append({
+            "implementation": name, "precision": precision[name], "batch": batch[name],
+            "s/query": r[:, 0].mean(), "unlearn s": r[:, 1].mean(), "scoring s": r[:, 2].mean(),
+            "track losses/s": lps, "GFLOP/s": lps * flops / 1e9,
+            "% of peak": f"{lps * flops / peaks[precision[name]]:.0%}",
+            "Spearman vs float32": np.mean(rho), "top-10 vs float32": np.mean(top),
+            "mean self-rank": r[:, 3].mean()})
+    table = pd.DataFrame(table)
+    per_query = table["s/query"].iloc[0] / table["s/query"].iloc[2]
+    per_pass = table["track losses/s"].iloc[2] / table["track losses/s"].iloc[0]
+    over_old = table["track losses/s"].iloc[2] / table["track losses/s"].iloc[1]
     print(table.to_string(index=False))
-    print(f"speed-up {ratio:.2f}x; baseline {t_baseline:.1f} s; reproducible {reproducible}")
+    print(f"per query {per_query:.2f}x, per scoring pass {per_pass:.2f}x the straightforward; "
+          f"{over_old:.2f}x the old defaults; reproducible {reproducible}; peaks "
+          f"{peaks['float32'] / 1e9:.0f} / {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     if not args.no_write:
         from bench_docs import table as md_table
         from bench_docs import write_section
 
-        write_section("attribution-speed", f"""## Attribution speed (per query)
+        tracks = f" --tracks {args.tracks}" if args.tracks else ""
+        write_section("attribution-speed", f"""## Exact attribution speed (per query)
 
-`python benchmarks/attribution_speed.py --run {args.run} --corpus {args.corpus} \\
---queries {args.queries}`: {len(ids)} training tracks × {score.timesteps} fixed timesteps
-(one "track loss" = one (track, timestep) evaluation), {unlearn.draws} query-gradient draws,
-{torch.get_num_threads()} torch threads. Self-influence queries, so the mean self-rank checks that
-both implementations give the right answer.
+`OMP_NUM_THREADS=1 python benchmarks/attribution_speed.py --run {args.run} --corpus \
+{args.corpus} --queries {args.queries}{tracks}`; {dt.date.today()}, {platform.machine()},
+{torch.get_num_threads()} torch thread, {(time.perf_counter() - t_start) / 60:.0f} min.
+{len(ids)} training tracks × {OLD.timesteps} fixed timesteps (one "track loss" = one (track,
+timestep) evaluation, {flops / 1e9:.3f} GFLOP), {unlearn.draws} query-gradient draws.
+Self-influence queries, so the mean self-rank checks that every implementation gives the right
+answer. *track losses/s*: one scoring pass alone; *% of peak*: its FLOP/s against this
+machine's one-thread 2048² matmul in the same precision ({peaks['float32'] / 1e9:.0f} GFLOP/s
+float32, {peaks['bfloat16'] / 1e9:.0f} GFLOP/s bfloat16, measured in this run). Spearman and
+top-10 overlap are against the float32 scores of the same unlearned model (the straightforward
+implementation draws other noise).
 
 {md_table(table)}
 
-linernotes is **{ratio:.2f}×** faster per query; its baseline (once per run and draw settings,
-shared by all queries) took {t_baseline:.1f} s. Scores are bit-identical when a query is
-attributed twice: {reproducible}.
+linernotes is **{per_query:.2f}×** faster per query than the straightforward implementation
+(**{per_pass:.2f}×** per scoring pass, {over_old:.2f}× its own old defaults); its baseline (once
+per run and draw settings, shared by all queries) took {passes['linernotes']:.1f} s. Scores are
+bit-identical when a query is attributed twice: {reproducible}.
 """)
 
 

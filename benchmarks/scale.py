@@ -58,12 +58,12 @@ H100_BF16 = 989.4e12
 # ------------------------------------------------------------------------------ measurements
 
 
-def matmul_peak(n: int, threads: int, repeat: int = 5) -> float:
-    """Best float32 FLOP/s of an n × n matmul on `threads` threads."""
+def matmul_peak(n: int, threads: int, repeat: int = 5, dtype=torch.float32) -> float:
+    """Best FLOP/s of an n × n matmul in `dtype` on `threads` threads."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
         best = min(_timed(lambda: a @ b) for _ in range(repeat))
     finally:
@@ -462,7 +462,11 @@ def measure(args, sizes: list[int], work: Path) -> str:
     manifest = read_manifest(args.corpus)
     _, train, ids = run.train_set(manifest, progress=False)
     fisher = run.fisher(manifest, FisherSettings(), progress=False)
-    full_score = ScoreSettings(timesteps=2, stride=400) if args.quick else ScoreSettings()
+    # float32, 16 tracks per batch: the scoring defaults when this section was measured (section
+    # (8) compares bfloat16 against it; attribution_speed.py measures today's defaults)
+    full_score = ScoreSettings(precision="float32", batch_size=16)
+    if args.quick:
+        full_score = full_score.replace(timesteps=2, stride=400)
     unlearn = UnlearnSettings(draws=args.draws, probe_draws=16 if args.quick else 64)
     n_lin = min(len(ids), 24) if args.quick else len(ids)
     lin_train, lin_ids = Subset(train, range(n_lin)), ids[:n_lin]
@@ -696,7 +700,8 @@ bfloat16 instructions autocast is no faster.
 bfloat16 is {bf.loc['bfloat16 autocast', 'speed-up']:.2f}× faster; its scores agree with float32
 at Spearman {bf.loc['bfloat16 autocast', 'Spearman vs float32']:.3f}, against
 {bf.loc['float32, other draws (seed + 1)', 'Spearman vs float32']:.3f} for float32 under other
-draws. It is `--precision bfloat16` (`ScoreSettings.precision`); float32 stays the default.
+draws. It is `--precision bfloat16` (`ScoreSettings.precision`), and since 2026-12-02 the default
+wherever the device runs bfloat16 natively (`--precision auto`).
 """
 
 

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from linernotes import device
 from linernotes.attribution import losses as losses_mod
 from linernotes.attribution.losses import ScoreSettings, sharded_losses, track_losses
 from linernotes.attribution.query import Query
@@ -115,6 +116,49 @@ def test_two_stage_with_every_track_a_candidate_is_exact_attribution(setup, tmp_
         FAST_SCORE.replace(candidates=-1)
 
 
+def test_large_training_sets_get_two_stages_by_default(setup, tmp_path, monkeypatch):
+    n = len(setup["ids"])
+    s = ScoreSettings()
+    assert s.candidates_for(losses_mod.TWO_STAGE_FROM - 1) == losses_mod.TWO_STAGE_FROM - 1
+    big = 100_000
+    assert s.candidates_for(big) == max(losses_mod.AUTO_MIN_CANDIDATES,
+                                        int(losses_mod.AUTO_CANDIDATE_SHARE * big))
+    assert s.replace(exact=True).candidates_for(big) == big
+    assert s.replace(candidates=7).candidates_for(big) == 7
+    # a training set above the threshold (lowered here) is scored in two stages unless exact
+    monkeypatch.setattr(losses_mod, "TWO_STAGE_FROM", n // 2)
+    monkeypatch.setattr(losses_mod, "AUTO_MIN_CANDIDATES", 4)
+    monkeypatch.setattr(losses_mod, "AUTO_CANDIDATE_SHARE", 0.0)
+    q = track_query(setup, 2)
+    auto = attributor(setup, tmp_path / "cache").attribute(q, tmp_path / "auto", FAST_UNLEARN)
+    assert auto["exact"].sum() == 4
+    exact = attributor(setup, tmp_path / "cache", FAST_SCORE.replace(exact=True)).attribute(
+        q, tmp_path / "exact", FAST_UNLEARN)
+    assert exact["exact"].all()
+
+
+def test_a_query_scored_again_is_not_unlearned_again(setup, tmp_path, monkeypatch):
+    from linernotes.attribution import unlearning as unlearning_mod
+
+    calls = []
+    real = unlearning_mod.unlearn_query
+    monkeypatch.setattr(unlearning_mod, "unlearn_query",
+                        lambda *a, **k: calls.append(a[2].key) or real(*a, **k))
+    att = attributor(setup, tmp_path / "cache")
+    q = track_query(setup, 1)
+    first = att.attribute(q, tmp_path / "a", FAST_UNLEARN)
+    att.score = FAST_SCORE.replace(candidates=3)  # other score settings, the same unlearning
+    att.attribute(q, tmp_path / "b", FAST_UNLEARN)
+    assert calls == [q.key]
+    # another caption under the same key is another query; so are other unlearning settings
+    att.attribute(Query(q.key, q.features, q.mask, q.caption + " (2)"), tmp_path / "c",
+                  FAST_UNLEARN)
+    att.score = FAST_SCORE
+    again = att.attribute(q, tmp_path / "d", FAST_UNLEARN.replace(seed=FAST_UNLEARN.seed + 1))
+    assert calls == [q.key] * 3
+    assert not np.array_equal(first["score"].to_numpy(), again["score"].to_numpy())
+
+
 def test_scores_do_not_change_with_batch_size(setup):
     a = track_losses(setup["task"], setup["model"], setup["train"], FAST_SCORE)
     other = FAST_SCORE.replace(batch_size=7)
@@ -123,19 +167,43 @@ def test_scores_do_not_change_with_batch_size(setup):
 
 
 def test_bfloat16_scoring_is_close_to_float32_and_keyed_apart(setup, tmp_path):
-    a = track_losses(setup["task"], setup["model"], setup["train"], FAST_SCORE)
+    f32 = FAST_SCORE.replace(precision="float32")
+    a = track_losses(setup["task"], setup["model"], setup["train"], f32)
     bf16 = FAST_SCORE.replace(precision="bfloat16")
     b = track_losses(setup["task"], setup["model"], setup["train"], bf16)
     assert not np.array_equal(a, b)  # autocast did run in bfloat16
     np.testing.assert_allclose(b, a, rtol=0.05)  # bfloat16 keeps 8 bits of mantissa
-    assert FAST_SCORE.draw_key() == {k: v for k, v in bf16.draw_key().items() if k != "precision"}
-    sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], FAST_SCORE,
+    assert f32.draw_key() == {k: v for k, v in bf16.draw_key().items() if k != "precision"}
+    sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], f32,
                    tmp_path / "l", {"run": "a"}, progress=False)
     with pytest.raises(LinernotesError, match="other inputs"):  # float32 losses are not reused
         sharded_losses(setup["task"], setup["model"], setup["train"], setup["ids"], bf16,
                        tmp_path / "l", {"run": "a"}, progress=False)
     with pytest.raises(LinernotesError, match="precision"):
         ScoreSettings(precision="float16")
+
+
+def test_auto_precision_is_the_devices_and_keys_as_resolved(setup, tmp_path):
+    model = setup["model"]
+    native = device.fast_bfloat16(device.of(model))
+    resolved = ScoreSettings().on(model)
+    assert ScoreSettings().precision == "auto"
+    assert resolved.precision == ("bfloat16" if native else "float32")
+    assert resolved.on(model) == resolved and FAST_SCORE.replace(precision="float32").on(
+        model).precision == "float32"
+    auto = track_losses(setup["task"], model, setup["train"], FAST_SCORE)
+    same = track_losses(setup["task"], model, setup["train"], FAST_SCORE.on(model))
+    np.testing.assert_array_equal(auto, same)
+    # a folder written under "auto" is the resolved precision's folder (and not "auto"'s)
+    sharded_losses(setup["task"], model, setup["train"], setup["ids"], FAST_SCORE,
+                   tmp_path / "l", {"run": "a"}, progress=False)
+    sharded_losses(setup["task"], model, setup["train"], setup["ids"], FAST_SCORE.on(model),
+                   tmp_path / "l", {"run": "a"}, progress=False)
+    other = "float32" if native else "bfloat16"
+    with pytest.raises(LinernotesError, match="other inputs"):
+        sharded_losses(setup["task"], model, setup["train"], setup["ids"],
+                       FAST_SCORE.replace(precision=other), tmp_path / "l", {"run": "a"},
+                       progress=False)
 
 
 def test_killed_scoring_resumes_with_identical_losses(setup, tmp_path, monkeypatch):

@@ -257,6 +257,21 @@ def test_cli_attribute_with_a_method(tiny, tmp_path):
     assert "apply to --method unlearning only" in str(res.exception)
 
 
+def test_cli_attribute_in_two_stages_says_so(tiny, tmp_path):
+    _, _, ids = tiny["train"]
+    base = ["attribute", f"train:{ids[1]}", "--run", str(tiny["run"].path), "--corpus",
+            str(tiny["root"] / "corpus"), "--draws", "8", "--timesteps", "4", "--stride", "200"]
+    res = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "two"), "--candidates", "3"])
+    assert res.exit_code == 0, res.output
+    assert "Two stages" in res.output and "top 3 " in res.output
+    assert read_scores(tmp_path / "two" / f"{ids[1]}.parquet")["exact"].sum() == 3
+    res = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "ex"), "--candidates", "3",
+                                   "--exact"])
+    assert res.exit_code == 0, res.output
+    assert "Two stages" not in res.output
+    assert read_scores(tmp_path / "ex" / f"{ids[1]}.parquet")["exact"].all()
+
+
 def test_settings_parse_values_by_their_annotation():
     import dataclasses
 

@@ -56,6 +56,18 @@ def of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether `device` runs bfloat16 matmuls natively (a GPU with bfloat16, a CPU with
+    AVX512-BF16 or AMX), so that bfloat16 autocast is faster rather than slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, name, lambda: False)()
+                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
 def move(obj: Any, device: torch.device) -> Any:
     """Tensors in `obj` (a tensor, or dicts, lists and tuples of them) on `device`; anything
     else as it is. A no-op for tensors already there."""

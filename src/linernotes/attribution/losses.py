@@ -7,6 +7,7 @@ track id) are used before and after unlearning, so score = after - before is a p
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from linernotes import distributed
+from linernotes import device, distributed
 from linernotes.artifacts import atomic_path, hash_json, load_cached, read_json, write_json
 from linernotes.config import Settings, require, setting
 from linernotes.data.dataset import collate
@@ -23,7 +24,12 @@ from linernotes.errors import LinernotesError
 from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
 
 SCORE_KINDS = ("log-ratio", "delta")
-PRECISIONS = ("float32", "bfloat16")
+#: two-stage scoring by default from this many training tracks, the second stage scoring the
+#: larger of AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of them
+TWO_STAGE_FROM = 5000
+AUTO_MIN_CANDIDATES = 1000
+AUTO_CANDIDATE_SHARE = 0.05
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def score_of(before: np.ndarray, after: np.ndarray, kind: str = "log-ratio") -> np.ndarray:
@@ -53,20 +59,24 @@ class ScoreSettings(Settings):
     stride: int = setting(50, "Stride of the scoring timesteps (of 1000).")
     seed: int = setting(0, "Seed of the scoring noise.")
     mask_train: bool = setting(False, "M_L: mask training tracks' padding in their scoring loss.")
-    batch_size: int = setting(16, "Tracks per batch (x timesteps rows per forward).")
+    # 4: 1.2x (bfloat16) to 1.35x (float32) the losses/s of 16 on this repository's CPU (smaller
+    # activations stay in cache; benchmarks/scoring_speed.py); raise it on a GPU
+    batch_size: int = setting(4, "Tracks per batch (x timesteps rows per forward).")
     shard_size: int = setting(512, "Tracks per shard on disk.")
     kind: str = setting("log-ratio", "Score from each track's losses before and after "
                         "unlearning: log-ratio, or delta (the papers').")
-    # forward passes in bfloat16 autocast: 2.1x faster on this machine's CPU (AMX), scores
-    # within the draws' own noise (docs/benchmarks.md, scale section (8)); float32 by default
-    precision: str = setting("float32", "Scoring forwards in float32 or bfloat16 (autocast; "
-                             "2x faster on CPUs with AMX, and GPUs).")
+    # auto: bfloat16 autocast where the device has native bfloat16 (1.8-2.1x faster on this
+    # repository's CPUs, scores at Spearman 1.000 with float32: docs/benchmarks.md), else float32
+    precision: str = setting("auto", "Scoring forwards in float32 or bfloat16 (autocast), or "
+                             "auto: bfloat16 where the device runs it natively (GPUs, CPUs "
+                             "with AVX512-BF16 or AMX), float32 elsewhere.")
     candidates: int = setting(0, "Two-stage scoring: every track at coarse_timesteps first, "
-                              "then only this many top tracks at every timestep (0: every "
-                              "track at every timestep).")
+                              "then only this many top tracks at every timestep (0: automatic, "
+                              f"two stages from {TWO_STAGE_FROM:,} training tracks).")
     coarse_timesteps: int = setting(4, "Timesteps of the first stage of two-stage scoring "
                                     "(spread over the schedule).")
-
+    exact: bool = setting(False, "Score every track at every timestep, however large the "
+                          "training set (no first stage).")
     def validate(self) -> None:
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
         require(self.precision in PRECISIONS,
@@ -75,17 +85,39 @@ class ScoreSettings(Settings):
         require(self.stride * (self.timesteps - 1) < 1000, "timesteps x stride must fit in 1000.")
         require(self.batch_size >= 1 and self.shard_size >= 1,
                 "batch and shard sizes must be >= 1.")
-        require(self.candidates >= 0, "candidates must be >= 0 (0: no first stage).")
+        require(self.candidates >= 0, "candidates must be >= 0 (0: automatic).")
         require(1 <= self.coarse_timesteps <= 1000, "coarse_timesteps must be in 1..1000.")
+
+    def candidates_for(self, n: int) -> int:
+        """How many of `n` training tracks the second stage scores (n: one stage, exact).
+
+        Automatic (candidates = 0): one stage below TWO_STAGE_FROM tracks, else the larger of
+        AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of the tracks (docs/benchmarks.md,
+        two-stage section, measured the recall this keeps)."""
+        if self.exact:
+            return n
+        if self.candidates:
+            return min(self.candidates, n)
+        if n < TWO_STAGE_FROM:
+            return n
+        return min(n, max(AUTO_MIN_CANDIDATES, math.ceil(AUTO_CANDIDATE_SHARE * n)))
 
     def coarse(self) -> ScoreSettings:
         """The first stage of two-stage scoring: `coarse_timesteps` spread over the schedule,
         the rest as here."""
         return self.replace(timesteps=self.coarse_timesteps,
-                            stride=1000 // self.coarse_timesteps, candidates=0)
+                            stride=1000 // self.coarse_timesteps, exact=True)
+
+    def on(self, model: nn.Module) -> ScoreSettings:
+        """These settings with the precision `model`'s device will use ("auto" resolved)."""
+        if self.precision != "auto":
+            return self
+        fast = device.fast_bfloat16(device.of(model))
+        return self.replace(precision="bfloat16" if fast else "float32")
 
     def draw_key(self) -> dict:
-        """What the losses depend on (the draws, the masking and a non-default precision)."""
+        """What the losses depend on (the draws, the masking and a non-default precision;
+        resolve "auto" with `on(model)` first, or the key names "auto")."""
         key = {"timesteps": self.timesteps, "stride": self.stride, "seed": self.seed,
                "mask_train": self.mask_train}
         if self.precision != "float32":
@@ -94,9 +126,11 @@ class ScoreSettings(Settings):
 
 
 def autocast(model: nn.Module, precision: str):
-    """The autocast context of `precision` on the model's device (a no-op for float32)."""
-    device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    """The autocast context of `precision` on the model's device (a no-op for float32; "auto"
+    is bfloat16 where the device runs it natively)."""
+    dev = device.of(model)
+    bf16 = precision == "bfloat16" or (precision == "auto" and device.fast_bfloat16(dev))
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.inference_mode()
@@ -136,6 +170,7 @@ def sharded_losses(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    settings = settings.on(model)  # the key names the precision actually used
     meta = {"provenance": provenance, "draws": settings.draw_key(), "n": len(track_ids),
             "tracks": hash_json(track_ids), "shard_size": settings.shard_size}
     meta_path = folder / "meta.json"

@@ -4,15 +4,17 @@ score(z_i) = log L(z_i; θ_unlearned) − log L(z_i; θ0) (or the plain differen
 score, with `ScoreSettings(kind="delta")`), both losses at the same fixed draws. The loss at θ0 is
 computed once per (run, draws) and cached; several queries share it.
 
-Two-stage scoring (`ScoreSettings.candidates` = M > 0, fewer than the training tracks): the same
-unlearned model scores every track at `coarse_timesteps` (a few, spread over the schedule), then
-only the M best of that first stage at every timestep. The table's `exact` column marks those M;
-they rank first, by their exact score (`scores.score_table`), the rest after them by their coarse
-score (`coarse_score` holds every track's). Each stage is sharded and resumable like one pass.
+Two-stage scoring (`ScoreSettings.candidates_for`: M, fewer than the training tracks; the default
+from TWO_STAGE_FROM tracks): the same unlearned model scores every track at `coarse_timesteps` (a
+few, spread over the schedule), then only the M best of that first stage at every timestep. The
+table's `exact` column marks those M; they rank first, by their exact score (`scores.score_table`),
+the rest after them by their coarse score (`coarse_score` holds every track's). Each stage is
+sharded and resumable like one pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -44,10 +46,11 @@ class UnlearningAttributor(Attributor):
         super().__init__(run_hash, manifest, train_ids)
         self.task, self.model, self.train = task, model, train
         self.fisher, self.cache_dir = fisher, Path(cache_dir)
-        self.score = score or ScoreSettings()
+        self.score = (score or ScoreSettings()).on(model)
         self.unlearn = unlearn or UnlearnSettings()
         self.progress = progress
         self._baselines: dict[str, np.ndarray] = {}  # by draw key
+        self._last_unlearned: tuple = (None, None)  # (query, settings), (delta, record)
 
     def _provenance(self) -> dict:
         return {"run": self.run_hash, "tracks": hash_json(self.train_ids)}
@@ -67,19 +70,32 @@ class UnlearningAttributor(Attributor):
                 self.progress)
         return self._baselines[key]
 
+    def unlearned(self, query: Query, settings: UnlearnSettings) -> tuple[dict, dict]:
+        """The unlearning step of `query` (weight delta, record); the last one is kept, so the
+        same query scored again under other score settings is not unlearned twice."""
+        content = hashlib.sha1(query.features.float().contiguous().numpy().tobytes()
+                               + query.mask.numpy().tobytes() + query.caption.encode())
+        key = (query.key, content.hexdigest(), hash_json(settings.to_dict()))
+        if self._last_unlearned[0] != key:
+            delta, record = unlearn_query(self.task, self.model, query, self.fisher, settings,
+                                          n_train=len(self.train_ids))
+            self._last_unlearned = (key, (delta, record))
+        delta, record = self._last_unlearned[1]
+        return delta, dict(record)
+
     def scores(self, query: Query, work: Path, settings: UnlearnSettings | None = None) -> Scored:
         """Unlearn `query` (with `settings`, default the attributor's), score every track."""
         settings = settings or self.unlearn
         before = self.baseline()
         t0 = time.perf_counter()
-        delta, record = unlearn_query(self.task, self.model, query, self.fisher, settings,
-                                      n_train=len(self.train_ids))
+        delta, record = self.unlearned(query, settings)
         t1 = time.perf_counter()
         key = hash_json([settings.to_dict(), record["alpha"], self.score.draw_key()])
         provenance = {**self._provenance(), "query": query.key, "unlearn": settings.to_dict()}
-        n, m = len(self.train_ids), self.score.candidates
+        n = len(self.train_ids)
+        m = self.score.candidates_for(n)
         with applied(self.model, delta):
-            if m <= 0 or m >= n:  # every track at every timestep
+            if m >= n:  # every track at every timestep
                 after = sharded_losses(
                     self.task, self.model, self.train, self.train_ids, self.score,
                     Path(work) / f"{query.key}-{key}", provenance, f"score {query.key}",

@@ -75,7 +75,8 @@ def methods(
 @on_device
 @with_settings(UNLEARN_OPTIONS,
                Options("score", ScoreSettings, ("mask_train", "timesteps", "stride", "kind",
-                                                "precision", "candidates", "coarse_timesteps"),
+                                                "precision", "candidates", "coarse_timesteps",
+                                                "exact"),
                        {"kind": "score-kind"}))
 def attribute(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
@@ -130,6 +131,10 @@ def print_credits(tables, top: int, as_json: bool = False, titles=None) -> None:
         view = t.head(top)[["rank", "artist", "title", "score", "track_id"]].copy()
         view["score"] = view["score"].map(lambda x: f"{x:.3g}")
         typer.echo(view.to_string(index=False))
+        if "exact" in t and not t["exact"].all():
+            typer.echo(f"Two stages: all {len(t):,} tracks ranked at a few timesteps, the top "
+                       f"{int(t['exact'].sum()):,} (the table's exact column) then scored "
+                       "exactly; --exact scores every track.")
 
 
 @app.command()
