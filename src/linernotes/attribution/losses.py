@@ -77,6 +77,7 @@ class ScoreSettings(Settings):
                                     "(spread over the schedule).")
     exact: bool = setting(False, "Score every track at every timestep, however large the "
                           "training set (no first stage).")
+
     def validate(self) -> None:
         require(self.kind in SCORE_KINDS, f"score kind must be one of {', '.join(SCORE_KINDS)}.")
         require(self.precision in PRECISIONS,
@@ -110,10 +111,8 @@ class ScoreSettings(Settings):
 
     def on(self, model: nn.Module) -> ScoreSettings:
         """These settings with the precision `model`'s device will use ("auto" resolved)."""
-        if self.precision != "auto":
-            return self
-        fast = device.fast_bfloat16(device.of(model))
-        return self.replace(precision="bfloat16" if fast else "float32")
+        precision = resolve_precision(self.precision, model)
+        return self if precision == self.precision else self.replace(precision=precision)
 
     def draw_key(self) -> dict:
         """What the losses depend on (the draws, the masking and a non-default precision;
@@ -125,12 +124,17 @@ class ScoreSettings(Settings):
         return key
 
 
+def resolve_precision(precision: str, model: nn.Module) -> str:
+    """`precision` on `model`'s device: "auto" is bfloat16 where the device runs it natively."""
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device.fast_bfloat16(device.of(model)) else "float32"
+
+
 def autocast(model: nn.Module, precision: str):
-    """The autocast context of `precision` on the model's device (a no-op for float32; "auto"
-    is bfloat16 where the device runs it natively)."""
-    dev = device.of(model)
-    bf16 = precision == "bfloat16" or (precision == "auto" and device.fast_bfloat16(dev))
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
+    """The autocast context of `precision` on the model's device (a no-op for float32)."""
+    return torch.autocast(device.of(model).type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision, model) == "bfloat16")
 
 
 @torch.inference_mode()
