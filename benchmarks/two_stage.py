@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[10, 100])
     p.add_argument("--work", type=Path, default=Path("runs/bench-two-stage"))
     p.add_argument("--part", default="0/1", help="i/n: score every n-th clip from the i-th")
+    p.add_argument("--fisher-samples", type=int, default=0,
+                   help="training tracks behind the Fisher (0: all, the default)")
     p.add_argument("--baselines-only", action="store_true")
     p.add_argument("--write", action="store_true", help="write docs/benchmarks.md's section")
     a = p.parse_args()
@@ -113,8 +115,8 @@ def main() -> None:
     queries = queries_from_specs(a.clips, run, manifest, None)
     train_set = run.train_set(manifest, progress=False)
     n = len(train_set[2])
-    att = make_attributor("unlearning", run, manifest, train_set, {"exact": True},
-                          progress=False)
+    settings = {"exact": True, **({"samples": a.fisher_samples} if a.fisher_samples else {})}
+    att = make_attributor("unlearning", run, manifest, train_set, settings, progress=False)
     exact_score = att.score
     seconds = one_off(att, a.coarse, a.work)
     if a.baselines_only:
@@ -132,6 +134,8 @@ def main() -> None:
         for k in a.coarse:
             two_stage(q, k)
     if parts > 1:
+        print(f"part {a.part}: done; peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
         return
     rows, exact_s = [], []
     for q in queries:
@@ -167,11 +171,12 @@ def main() -> None:
         from bench_docs import table as md_table
         from bench_docs import write_section
 
+        fisher = f" --fisher-samples {a.fisher_samples}" if a.fisher_samples else ""
         write_section("two-stage", f"""## Two-stage attribution against exact attribution
 
 `OMP_NUM_THREADS=1 python benchmarks/two_stage.py --run {a.run} --corpus {a.corpus} --clips
 <{len(queries)} clips> --coarse {' '.join(map(str, a.coarse))} --share
-{' '.join(map(str, a.share))} --k {' '.join(map(str, a.k))}`; {dt.date.today()},
+{' '.join(map(str, a.share))} --k {' '.join(map(str, a.k))}{fisher}`; {dt.date.today()},
 {platform.machine()}, 1 torch thread per process ({torch.get_num_threads()} here), the passes run
 in pieces (`--part`) and cached; this invocation {(time.perf_counter() - t_start) / 60:.0f} min,
 peak RSS {peak_mb:.0f} MB.
