@@ -77,7 +77,7 @@ def main() -> None:
     if args.tracks and args.tracks < len(ids):
         train, ids = Subset(train, range(args.tracks)), ids[: args.tracks]
     unlearn = UnlearnSettings()
-    default = ScoreSettings().on(run.model)
+    default = ScoreSettings().on(run.task, run.model)
     queries = []
     for k in np.linspace(0, len(train) - 1, args.queries).astype(int):
         it = train[int(k)]

@@ -6,15 +6,15 @@ all with the same unlearned model (one unlearning step per clip; each K in its o
 so that no second stage reuses another K's exact losses). The two-stage pass runs with the
 smallest M; larger M are derived from its first-stage scores and the exact scores (the second
 stage scores exactly, the same numbers as the exact pass), their second stage timed at the
-measured pass's seconds per track. Reports the recall of the
-exact top k among the two-stage top k, the seconds of each stage per query and the speed-up
-over the exact pass; the one-off baselines (every track's loss before unlearning, at the exact
-and at each coarse setting) are timed apart. Every pass is cached under --work and resumes after
-a kill, so a long benchmark runs in pieces:
+measured pass's seconds per track. Reports the recall of the exact top k among the two-stage top
+k, the seconds of each stage per query and the speed-up over the exact pass; the one-off
+baselines (every track's loss before unlearning, at the exact and at each coarse setting) are
+timed apart. Every pass is cached under --work and resumes after a kill, so a long benchmark runs
+in pieces:
 
     # the one-off baselines, split over two processes
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/two_stage.py --run RUN \\
-        --corpus CORPUS --clips clips/*.wav --baselines-only
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -- benchmarks/two_stage.py --run RUN \\
+        --corpus CORPUS --baselines-only
     # the clips, half each, side by side; then the table (everything cached)
     OMP_NUM_THREADS=1 python benchmarks/two_stage.py ... --part 0/2 &
     OMP_NUM_THREADS=1 python benchmarks/two_stage.py ... --part 1/2
@@ -44,6 +44,7 @@ from linernotes import distributed
 from linernotes.attribution.front import queries_from_specs
 from linernotes.attribution.methods import make_attributor
 from linernotes.attribution.scores import read_scores
+from linernotes.clips import generate
 from linernotes.data.manifest import read_manifest
 from linernotes.run import load_run
 
@@ -91,11 +92,27 @@ def one_off(att, coarse: list[int], work: Path) -> dict:
     return seconds
 
 
+def generated(run, manifest: pd.DataFrame, n: int, folder: Path) -> list[Path]:
+    """n generated clips (made once): the caption of one holdout track (seeded) of each of the
+    n artists with the most tracks."""
+    known = sorted(folder.glob("*.wav"))
+    if len(known) == n:
+        return known
+    hold = manifest[manifest["split"] == "holdout"]
+    artists = manifest["artist"].value_counts().index[:n]
+    prompts = [hold[hold["artist"] == x].sample(1, random_state=0)["caption"].iloc[0]
+               for x in artists]
+    return generate(run, prompts, folder, 0, progress=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--corpus", type=Path, required=True)
-    p.add_argument("--clips", nargs="+", required=True)
+    p.add_argument("--clips", nargs="+", help="query clips (default: --generate's)")
+    p.add_argument("--generate", type=int, default=12, help="without --clips: generate this "
+                   "many clips into <work>/clips, prompted with the caption of one holdout "
+                   "track of each of the largest artists")
     p.add_argument("--coarse", type=int, nargs="+", default=[1, 2, 4],
                    help="first-stage timesteps")
     p.add_argument("--share", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1],
@@ -112,7 +129,11 @@ def main() -> None:
     distributed.init_from_env()
     manifest = read_manifest(a.corpus / "manifest.parquet")
     run = load_run(a.run, manifest=manifest)
-    queries = queries_from_specs(a.clips, run, manifest, None)
+    if not a.clips and distributed.rank() == 0:
+        generated(run, manifest, a.generate, a.work / "clips")
+    distributed.barrier()
+    clips = a.clips or [str(c) for c in generated(run, manifest, a.generate, a.work / "clips")]
+    queries = queries_from_specs(clips, run, manifest, None)
     train_set = run.train_set(manifest, progress=False)
     n = len(train_set[2])
     settings = {"exact": True, **({"samples": a.fisher_samples} if a.fisher_samples else {})}
@@ -172,10 +193,11 @@ def main() -> None:
         from bench_docs import write_section
 
         fisher = f" --fisher-samples {a.fisher_samples}" if a.fisher_samples else ""
+        given = f"--clips <{len(queries)} clips>" if a.clips else f"--generate {a.generate}"
         write_section("two-stage", f"""## Two-stage attribution against exact attribution
 
-`OMP_NUM_THREADS=1 python benchmarks/two_stage.py --run {a.run} --corpus {a.corpus} --clips
-<{len(queries)} clips> --coarse {' '.join(map(str, a.coarse))} --share
+`OMP_NUM_THREADS=1 python benchmarks/two_stage.py --run {a.run} --corpus {a.corpus} {given}
+--coarse {' '.join(map(str, a.coarse))} --share
 {' '.join(map(str, a.share))} --k {' '.join(map(str, a.k))}{fisher}`; {dt.date.today()},
 {platform.machine()}, 1 torch thread per process ({torch.get_num_threads()} here), the passes run
 in pieces (`--part`) and cached; this invocation {(time.perf_counter() - t_start) / 60:.0f} min,

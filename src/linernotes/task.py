@@ -40,6 +40,9 @@ class Task(abc.ABC):
     #: True when the loss has no random draws (t and noise are ignored): callers then take one
     #: draw however many they would average (`draws`)
     deterministic: bool = False
+    #: whether "auto" scoring precision may run this task's forwards in bfloat16 autocast (the
+    #: diffusion tasks: scores at Spearman 1.000 with float32, docs/benchmarks.md)
+    bfloat16_scoring: bool = True
 
     @abc.abstractmethod
     def per_sample_loss(

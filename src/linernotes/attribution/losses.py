@@ -109,9 +109,9 @@ class ScoreSettings(Settings):
         return self.replace(timesteps=self.coarse_timesteps,
                             stride=1000 // self.coarse_timesteps, exact=True)
 
-    def on(self, model: nn.Module) -> ScoreSettings:
-        """These settings with the precision `model`'s device will use ("auto" resolved)."""
-        precision = resolve_precision(self.precision, model)
+    def on(self, task: Task, model: nn.Module) -> ScoreSettings:
+        """These settings with the precision scoring will use ("auto" resolved)."""
+        precision = resolve_precision(self.precision, task, model)
         return self if precision == self.precision else self.replace(precision=precision)
 
     def draw_key(self) -> dict:
@@ -124,17 +124,19 @@ class ScoreSettings(Settings):
         return key
 
 
-def resolve_precision(precision: str, model: nn.Module) -> str:
-    """`precision` on `model`'s device: "auto" is bfloat16 where the device runs it natively."""
+def resolve_precision(precision: str, task: Task, model: nn.Module) -> str:
+    """`precision` for `task`'s scoring forwards: "auto" is bfloat16 where the model's device runs
+    it natively and the task scores well in it (`Task.bfloat16_scoring`), else float32."""
     if precision != "auto":
         return precision
-    return "bfloat16" if device.fast_bfloat16(device.of(model)) else "float32"
+    fast = task.bfloat16_scoring and device.fast_bfloat16(device.of(model))
+    return "bfloat16" if fast else "float32"
 
 
-def autocast(model: nn.Module, precision: str):
+def autocast(task: Task, model: nn.Module, precision: str):
     """The autocast context of `precision` on the model's device (a no-op for float32)."""
     return torch.autocast(device.of(model).type, dtype=torch.bfloat16,
-                          enabled=resolve_precision(precision, model) == "bfloat16")
+                          enabled=resolve_precision(precision, task, model) == "bfloat16")
 
 
 @torch.inference_mode()
@@ -149,7 +151,7 @@ def track_losses(
     for batch in loader:
         t, noise = draw_noise(batch["track_id"], range(task.draws(settings.timesteps)),
                               task.latent_shape, seed=settings.seed, timesteps=ts)
-        with autocast(model, settings.precision):
+        with autocast(task, model, settings.precision):
             losses = loss_at_draws(task, model, batch, t, noise, settings.mask_train)
         out[pos : pos + len(losses)] = losses.double().cpu().numpy()
         pos += len(losses)
@@ -174,7 +176,7 @@ def sharded_losses(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    settings = settings.on(model)  # the key names the precision actually used
+    settings = settings.on(task, model)  # the key names the precision actually used
     meta = {"provenance": provenance, "draws": settings.draw_key(), "n": len(track_ids),
             "tracks": hash_json(track_ids), "shard_size": settings.shard_size}
     meta_path = folder / "meta.json"

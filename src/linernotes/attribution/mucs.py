@@ -117,7 +117,7 @@ class MucsAttributor(Attributor):
         super().__init__(run.hash, manifest, train_ids)
         self.run, self.train = run, train
         self.settings = settings or MucsSettings()
-        self.score = (score or ScoreSettings()).on(run.model)
+        self.score = (score or ScoreSettings()).on(run.task, run.model)
         self.progress = progress
         # owns the baseline losses at θ0: the same cache folder as the `unlearning` method
         self.base = UnlearningAttributor(run.task, run.model, run.hash, manifest, train,

@@ -46,7 +46,7 @@ class UnlearningAttributor(Attributor):
         super().__init__(run_hash, manifest, train_ids)
         self.task, self.model, self.train = task, model, train
         self.fisher, self.cache_dir = fisher, Path(cache_dir)
-        self.score = (score or ScoreSettings()).on(model)
+        self.score = (score or ScoreSettings()).on(task, model)
         self.unlearn = unlearn or UnlearnSettings()
         self.progress = progress
         self._baselines: dict[str, np.ndarray] = {}  # by draw key
