@@ -150,10 +150,10 @@ def main() -> None:
         return cached(att, q, a.work / f"k{k}-m{measured}", a.work / f"work-k{k}",
                       exact_score.replace(exact=False, candidates=measured, coarse_timesteps=k))
 
-    for q in queries[i::parts]:
-        cached(att, q, a.work / "exact", a.work / "work", exact_score)
+    for q in queries[i::parts]:  # two-stage first: it is the cheap part
         for k in a.coarse:
             two_stage(q, k)
+        cached(att, q, a.work / "exact", a.work / "work", exact_score)
     if parts > 1:
         print(f"part {a.part}: done; peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
