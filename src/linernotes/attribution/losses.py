@@ -104,10 +104,12 @@ class ScoreSettings(Settings):
         return min(n, max(AUTO_MIN_CANDIDATES, math.ceil(AUTO_CANDIDATE_SHARE * n)))
 
     def coarse(self) -> ScoreSettings:
-        """The first stage of two-stage scoring: `coarse_timesteps` spread over the schedule,
-        the rest as here."""
-        return self.replace(timesteps=self.coarse_timesteps,
-                            stride=1000 // self.coarse_timesteps, exact=True)
+        """The first stage of two-stage scoring: `coarse_timesteps` spread over the schedule, as
+        many rows per forward as here (more tracks per batch: at 4 tracks x 1 timestep a pass ran
+        at 0.6x the losses/s of 4 x 20 on the whole-corpus model), the rest as here."""
+        k = self.coarse_timesteps
+        return self.replace(timesteps=k, stride=1000 // k, exact=True,
+                            batch_size=max(1, self.batch_size * self.timesteps // k))
 
     def on(self, task: Task, model: nn.Module) -> ScoreSettings:
         """These settings with the precision scoring will use ("auto" resolved)."""
