@@ -5,8 +5,8 @@ every training track's loss before unlearning for each query, draws noise per ba
 global generator, and keeps autograd on while scoring (float32, 16 tracks per batch). Ours caches
 the baseline once per (run, draws), draws noise per track id and scores under
 `torch.inference_mode`; it is measured with the old defaults (float32, 16 tracks per batch) and
-the current ones (precision auto: bfloat16 where the device runs it natively; 4 tracks per
-batch). In the same run: each scoring pass's track losses/s, its FLOP/s against this machine's
+precision auto (bfloat16 where the device runs it natively) with the current 4 tracks per
+batch. In the same run: each scoring pass's track losses/s, its FLOP/s against this machine's
 matmul peak in the precision it ran, and its scores against float32's (Spearman, top-10).
 
     OMP_NUM_THREADS=1 python benchmarks/attribution_speed.py --run demo/run --corpus demo/corpus \
@@ -77,7 +77,7 @@ def main() -> None:
     if args.tracks and args.tracks < len(ids):
         train, ids = Subset(train, range(args.tracks)), ids[: args.tracks]
     unlearn = UnlearnSettings()
-    default = ScoreSettings().on(run.task, run.model)
+    default = ScoreSettings(precision="auto").on(run.task, run.model)
     queries = []
     for k in np.linspace(0, len(train) - 1, args.queries).astype(int):
         it = train[int(k)]

@@ -20,7 +20,7 @@ in pieces:
     OMP_NUM_THREADS=1 python benchmarks/two_stage.py ... --part 1/2
     OMP_NUM_THREADS=1 python benchmarks/two_stage.py ... --write
 
-Scoring runs in the default precision (auto: bfloat16 where the CPU has it), the exact reference
+Scoring runs with --precision auto (bfloat16 where the CPU has it), the exact reference
 included, and keeps the full scoring timesteps. Writes the `two-stage` section of
 docs/benchmarks.md with --write.
 """
@@ -148,7 +148,8 @@ def main() -> None:
     queries = queries_from_specs(clips, run, manifest, None)
     train_set = run.train_set(manifest, progress=False)
     n = len(train_set[2])
-    settings = {"exact": True, **({"samples": a.fisher_samples} if a.fisher_samples else {})}
+    settings = {"exact": True, "precision": "auto",
+                **({"samples": a.fisher_samples} if a.fisher_samples else {})}
     att = make_attributor("unlearning", run, manifest, train_set, settings, progress=False)
     exact_score = att.score
     captions = warm_captions(run, manifest, train_set[2])

@@ -186,21 +186,22 @@ def test_bfloat16_scoring_is_close_to_float32_and_keyed_apart(setup, tmp_path):
 def test_auto_precision_is_the_devices_and_keys_as_resolved(setup, tmp_path, monkeypatch):
     task, model = setup["task"], setup["model"]
     native = device.fast_bfloat16(device.of(model))
-    resolved = ScoreSettings().on(task, model)
-    assert ScoreSettings().precision == "auto"
+    resolved = ScoreSettings(precision="auto").on(task, model)
+    assert ScoreSettings().precision == "float32"
     assert resolved.precision == ("bfloat16" if native else "float32")
     assert resolved.on(task, model) == resolved and FAST_SCORE.replace(precision="float32").on(
         task, model).precision == "float32"
     monkeypatch.setattr(task, "bfloat16_scoring", False)  # a task that scores in float32
-    assert ScoreSettings().on(task, model).precision == "float32"
+    assert ScoreSettings(precision="auto").on(task, model).precision == "float32"
     monkeypatch.undo()
-    auto = track_losses(setup["task"], model, setup["train"], FAST_SCORE)
-    same = track_losses(setup["task"], model, setup["train"], FAST_SCORE.on(task, model))
+    AUTO = FAST_SCORE.replace(precision="auto")
+    auto = track_losses(setup["task"], model, setup["train"], AUTO)
+    same = track_losses(setup["task"], model, setup["train"], AUTO.on(task, model))
     np.testing.assert_array_equal(auto, same)
     # a folder written under "auto" is the resolved precision's folder (and not "auto"'s)
-    sharded_losses(setup["task"], model, setup["train"], setup["ids"], FAST_SCORE,
+    sharded_losses(setup["task"], model, setup["train"], setup["ids"], AUTO,
                    tmp_path / "l", {"run": "a"}, progress=False)
-    sharded_losses(setup["task"], model, setup["train"], setup["ids"], FAST_SCORE.on(task, model),
+    sharded_losses(setup["task"], model, setup["train"], setup["ids"], AUTO.on(task, model),
                    tmp_path / "l", {"run": "a"}, progress=False)
     other = "float32" if native else "bfloat16"
     with pytest.raises(LinernotesError, match="other inputs"):
