@@ -59,8 +59,9 @@ class ScoreSettings(Settings):
     stride: int = setting(50, "Stride of the scoring timesteps (of 1000).")
     seed: int = setting(0, "Seed of the scoring noise.")
     mask_train: bool = setting(False, "M_L: mask training tracks' padding in their scoring loss.")
-    # 4: 1.2x (bfloat16) to 1.35x (float32) the losses/s of 16 on this repository's CPU (smaller
-    # activations stay in cache; benchmarks/scoring_speed.py); raise it on a GPU
+    # 4: 1.2x (bfloat16) to 1.35x (float32) the losses/s of 16 on this repository's CPU in a
+    # batch-size sweep (smaller activations stay in cache; docs/benchmarks.md, exact attribution
+    # speed, measures the result); raise it on a GPU
     batch_size: int = setting(4, "Tracks per batch (x timesteps rows per forward).")
     shard_size: int = setting(512, "Tracks per shard on disk.")
     kind: str = setting("log-ratio", "Score from each track's losses before and after "
@@ -94,8 +95,8 @@ class ScoreSettings(Settings):
         """How many of `n` training tracks the second stage scores (n: one stage, exact).
 
         Automatic (candidates = 0): one stage below TWO_STAGE_FROM tracks, else the larger of
-        AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of the tracks (docs/benchmarks.md,
-        two-stage section, measured the recall this keeps)."""
+        AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of the tracks (provisional: the recall
+        they keep at full-corpus scale is still to be measured, docs/benchmarks.md)."""
         if self.exact:
             return n
         if self.candidates:
@@ -119,7 +120,7 @@ class ScoreSettings(Settings):
 
     def draw_key(self) -> dict:
         """What the losses depend on (the draws, the masking and a non-default precision;
-        resolve "auto" with `on(model)` first, or the key names "auto")."""
+        resolve "auto" with `on(task, model)` first, or the key names "auto")."""
         key = {"timesteps": self.timesteps, "stride": self.stride, "seed": self.seed,
                "mask_train": self.mask_train}
         if self.precision != "float32":
