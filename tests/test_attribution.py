@@ -93,7 +93,7 @@ def test_two_stage_scores_the_first_stages_top_tracks_exactly(setup, tmp_path):
     assert set(chosen) == set(tw["coarse_score"].nlargest(m).index)
     np.testing.assert_allclose(tw.loc[chosen, "score"], ex.loc[chosen, "score"], rtol=1e-5,
                                atol=1e-7)
-    assert tw.loc[~tw["exact"], "loss_after"].isna().all()
+    assert tw.loc[~tw["exact"], ["loss_before", "loss_after"]].isna().all().all()
     # exactly scored tracks rank first, by their exact score; the rest after them
     assert sorted(tw.loc[chosen, "rank"]) == list(range(1, m + 1))
     assert (tw.loc[~tw["exact"], "rank"] > m).all()
@@ -103,6 +103,13 @@ def test_two_stage_scores_the_first_stages_top_tracks_exactly(setup, tmp_path):
     assert FAST_SCORE.coarse().timesteps == 4 and FAST_SCORE.coarse().stride == 250
     record = json.loads((tmp_path / "two" / f"{q.key}.json").read_text())
     assert record["two_stage"]["candidates"] == m
+    # from an empty cache: only the first stage's baseline is made (not every track's exact
+    # one), and the table is the same whatever the cache held before
+    alone = attributor(setup, tmp_path / "alone", FAST_SCORE.replace(candidates=m))
+    pd.testing.assert_frame_equal(alone.attribute(q, tmp_path / "two-alone", FAST_UNLEARN), two)
+    assert len(list((tmp_path / "alone").glob("baseline-*"))) == 1
+    alone.baseline_at(FAST_SCORE.coarse())  # "auto" unresolved: the same folder
+    assert len(list((tmp_path / "alone").glob("baseline-*"))) == len(alone._baselines) == 1
 
 
 def test_two_stage_with_every_track_a_candidate_is_exact_attribution(setup, tmp_path):
@@ -187,7 +194,7 @@ def test_auto_precision_is_the_devices_and_keys_as_resolved(setup, tmp_path, mon
     task, model = setup["task"], setup["model"]
     native = device.fast_bfloat16(device.of(model))
     resolved = ScoreSettings(precision="auto").on(task, model)
-    assert ScoreSettings().precision == "float32"
+    assert ScoreSettings().precision == "auto"
     assert resolved.precision == ("bfloat16" if native else "float32")
     assert resolved.on(task, model) == resolved and FAST_SCORE.replace(precision="float32").on(
         task, model).precision == "float32"

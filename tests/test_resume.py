@@ -40,6 +40,19 @@ def test_a_captions_condition_does_not_depend_on_its_batch(tiny):
         assert torch.equal(together[key], torch.cat([a[key] for a in alone])), key
 
 
+def test_a_captions_condition_does_not_depend_on_autocast(tiny):
+    task = tiny["run"].task
+    captions = list(dict.fromkeys(tiny["manifest"]["caption"]))[:3]
+    _fresh_text_caches(task)
+    plain = task.text_condition(captions, 12)
+    _fresh_text_caches(task)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # first encoded inside a scoring pass
+        scoring = task.text_condition(captions, 12)
+    for key in ("clap", "words", "words_mask"):
+        assert scoring[key].dtype == plain[key].dtype, key
+        assert torch.equal(scoring[key], plain[key]), key
+
+
 KILLER = textwrap.dedent("""
     import os, sys
     from linernotes.attribution import losses
@@ -56,30 +69,41 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def _attribute(tiny, out: Path, die_at: int = 0) -> subprocess.CompletedProcess:
+def _attribute(tiny, out: Path, die_at: int = 0,
+               precision: str = "float32") -> subprocess.CompletedProcess:
     train_id = tiny["manifest"]["track_id"][0]
     args = ["attribute", "--run", str(tiny["run"].path), "--corpus", str(tiny["root"] / "corpus"),
             f"train:{train_id}", "-o", str(out), "--timesteps", "4", "--draws", "16",
-            "--set", "shard_size=3", "--set", "batch_size=2"]
+            "--set", "shard_size=3", "--set", "batch_size=2", "--precision", precision]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIE_AT": str(die_at)}
     cmd = [sys.executable, "-c", KILLER, *args] if die_at else [sys.executable, "-m",
                                                                   "linernotes", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_attribution_killed_in_baseline_and_in_scoring_resumes_to_the_same_bytes(tiny, tmp_path):
-    whole = _attribute(tiny, tmp_path / "whole")
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    cache = tiny["run"].path / "cache"
-    # the uninterrupted run filled the run's scoring cache: start the killed one from nothing
+def _clear(cache: Path) -> None:
     for p in sorted(cache.rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
+
+
+# bfloat16: the resumed process unlearns before it runs any bfloat16 forward, the uninterrupted
+# one after its baseline pass; captions encoded (and cached) under autocast once made the two
+# differ in every score by ~1e-4
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_attribution_killed_in_baseline_and_in_scoring_resumes_to_the_same_bytes(
+        tiny, tmp_path, precision):
+    cache = tiny["run"].path / "cache"
+    _clear(cache)
+    whole = _attribute(tiny, tmp_path / "whole", precision=precision)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    # the uninterrupted run filled the run's scoring cache: start the killed one from nothing
+    _clear(cache)
     n_shards = math.ceil(len(tiny["run"].train_ids(tiny["manifest"])) / 3)
     assert n_shards >= 3
     for die_at in (2, n_shards + 2):  # in the baseline pass, then in the unlearned model's
-        killed = _attribute(tiny, tmp_path / "killed", die_at)
+        killed = _attribute(tiny, tmp_path / "killed", die_at, precision)
         assert killed.returncode == 9, killed.stderr[-2000:]
-    resumed = _attribute(tiny, tmp_path / "killed")
+    resumed = _attribute(tiny, tmp_path / "killed", precision=precision)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (pd.read_parquet(next((tmp_path / d).glob("*.parquet"))) for d in ("whole", "killed"))
     pd.testing.assert_frame_equal(a, b, check_exact=True)

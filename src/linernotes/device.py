@@ -9,6 +9,8 @@ they are stored. On the CPU every move is a no-op: results are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -66,6 +68,18 @@ def fast_bfloat16(device: torch.device) -> bool:
         return any(getattr(cpu, name, lambda: False)()
                    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """A block (or, as a decorator, a function) that runs in its tensors' own precision even
+    inside a bfloat16 autocast region. Caches filled there (caption encodings) must hold the
+    same numbers whether their first use came under autocast (a scoring pass) or not (an
+    unlearning step): else a resumed job, whose first use differs, scores differently."""
+    with ExitStack() as stack:
+        for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 def move(obj: Any, device: torch.device) -> Any:

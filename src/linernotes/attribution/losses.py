@@ -66,10 +66,10 @@ class ScoreSettings(Settings):
     shard_size: int = setting(512, "Tracks per shard on disk.")
     kind: str = setting("log-ratio", "Score from each track's losses before and after "
                         "unlearning: log-ratio, or delta (the papers').")
-    # float32 by default: "auto" (bfloat16 where it runs natively) is 2.2x faster on this
-    # repository's CPU at Spearman 0.999, but a killed and resumed bfloat16 pass did not
-    # reproduce the uninterrupted pass's bytes (tests/test_resume.py); to investigate
-    precision: str = setting("float32", "Scoring forwards in float32 or bfloat16 (autocast), or "
+    # auto: bfloat16 scored 2.2x the losses/s of float32 (old defaults) on this repository's
+    # CPU at Spearman 0.999 (docs/benchmarks.md, exact attribution speed); a killed and resumed
+    # bfloat16 pass gives the uninterrupted pass's bytes (tests/test_resume.py)
+    precision: str = setting("auto", "Scoring forwards in float32 or bfloat16 (autocast), or "
                              "auto: bfloat16 where the device runs it natively (GPUs, CPUs "
                              "with AVX512-BF16 or AMX) and the task allows it, else float32.")
     candidates: int = setting(0, "Two-stage scoring: every track at coarse_timesteps first, "

@@ -68,7 +68,8 @@ class CreditSettings(Settings):
 
     def score(self) -> ScoreSettings:
         return ScoreSettings(timesteps=self.timesteps, stride=self.stride, seed=self.seed,
-                             mask_train=self.mask_query, batch_size=1)
+                             mask_train=self.mask_query, batch_size=1,
+                             precision="float32")  # its measured numbers are float32
 
 
 def credit_root(run) -> Path:

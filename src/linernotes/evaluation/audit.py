@@ -94,7 +94,7 @@ class AuditSettings(Settings):
 
     def score(self) -> ScoreSettings:
         return ScoreSettings(timesteps=self.score_timesteps, stride=self.score_stride,
-                             seed=self.seed)
+                             seed=self.seed, precision="float32")  # as measured
 
 
 #: AuditSettings fields that change no measured number (verdicts, report clips).

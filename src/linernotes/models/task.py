@@ -61,6 +61,7 @@ class ReferenceTask(Task):
 
     @torch.inference_mode(False)
     @torch.no_grad()
+    @device.full_precision()
     def _fill_text_cache(self, todo: list[str], max_words: int) -> None:
         for c in todo:  # one at a time: a caption's condition must not depend on its batch
             emb = self.clap.embed_text([c]).float().cpu()  # cached on the CPU, moved per batch

@@ -156,6 +156,7 @@ class MusicgenTask(DelayedCodesTask):
 
     @torch.inference_mode(False)
     @torch.no_grad()
+    @device.full_precision()
     def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask."""
         for caption in dict.fromkeys(captions):

@@ -67,6 +67,7 @@ class StableAudioTask(Task):
 
     @torch.inference_mode(False)
     @torch.no_grad()
+    @device.full_precision()
     def text(self, captions: Sequence[str]) -> torch.Tensor:
         """Projected T5 tokens (B, L, D) of captions, padded tokens zeroed; cached per caption
         on the CPU (made outside inference mode, so scoring's cache serves gradients later)."""
