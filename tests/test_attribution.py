@@ -100,7 +100,9 @@ def test_two_stage_scores_the_first_stages_top_tracks_exactly(setup, tmp_path):
     top = tw.loc[chosen].sort_values("rank")
     assert (np.diff(top["score"].to_numpy()) <= 0).all()
     # the first stage is few timesteps spread over the schedule
-    assert FAST_SCORE.coarse().timesteps == 4 and FAST_SCORE.coarse().stride == 250
+    assert FAST_SCORE.coarse().timesteps == 1 and FAST_SCORE.coarse().stride == 1000
+    four = FAST_SCORE.replace(coarse_timesteps=4).coarse()
+    assert (four.timesteps, four.stride, four.batch_size) == (4, 250, 6)
     record = json.loads((tmp_path / "two" / f"{q.key}.json").read_text())
     assert record["two_stage"]["candidates"] == m
     # from an empty cache: only the first stage's baseline is made (not every track's exact
