@@ -26,12 +26,13 @@ from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
 SCORE_KINDS = ("log-ratio", "delta")
 #: two-stage scoring by default from this many training tracks, the second stage scoring the
 #: larger of AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of them. On the whole music21 corpus
-#: (13,355 tracks, docs/benchmarks.md, two-stage section) 5% recovered exact attribution's top
-#: 10 on every clip and its top 100 at >= 0.99 where 2% fell to 0.82 on one clip; 500 is 5x the
-#: top 100, for sets just above the threshold
+#: (13,355 tracks, 5 clips; docs/benchmarks.md, two-stage section) 3% recovered exact
+#: attribution's top 10 on every clip and its top 100 at 0.976 (0.92 at worst), 9.5x faster
+#: than exact; 2% fell to 0.83 on one clip, 5% kept >= 0.99 at 6.8x. 400 (4x the top 100) for
+#: sets just above the threshold
 TWO_STAGE_FROM = 5000
-AUTO_MIN_CANDIDATES = 500
-AUTO_CANDIDATE_SHARE = 0.05
+AUTO_MIN_CANDIDATES = 400
+AUTO_CANDIDATE_SHARE = 0.03
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
