@@ -249,8 +249,8 @@ def main() -> None:
             exact_s.append(rec["seconds_score"])
         for k in a.coarse:
             table, r = two_stage(q, k)
-            # the second stage scores each candidate before and after unlearning (records of
-            # 2026-12-01 timed only after: the same work again, as the one before it)
+            # the second stage scores each candidate before and after unlearning (records older
+            # than seconds_baseline timed only after: the same work again, as the one before)
             second = r["two_stage"]["seconds_second"]
             per_track = (second + r["two_stage"].get("seconds_baseline", second)) / measured
             for m in ms:
