@@ -700,7 +700,8 @@ bfloat16 instructions autocast is no faster.
 bfloat16 is {bf.loc['bfloat16 autocast', 'speed-up']:.2f}× faster; its scores agree with float32
 at Spearman {bf.loc['bfloat16 autocast', 'Spearman vs float32']:.3f}, against
 {bf.loc['float32, other draws (seed + 1)', 'Spearman vs float32']:.3f} for float32 under other
-draws. It is `--precision bfloat16` (`ScoreSettings.precision`); float32 stays the default.
+draws. It is `--precision bfloat16` (`ScoreSettings.precision`); since 2026-12-02 the default
+is `auto` (bfloat16 where the device runs it natively).
 """
 
 

@@ -75,19 +75,18 @@ def cached(att, query, out: Path, work: Path, score,
     `rescore`: a table written before is made again once from its cached passes (after the
     baselines were recomputed), keeping the seconds its record measured."""
     table, record = out / f"{query.key}.parquet", out / f"{query.key}.json"
-    done = out / f"{query.key}.rescored"
-    if rescore and table.exists() and record.exists() and not done.exists():
-        old = json.loads(record.read_text())
+    done, written = out / f"{query.key}.rescored", table.exists() and record.exists()
+    old = json.loads(record.read_text()) if rescore and written and not done.exists() else None
+    if old is not None or not written:
         att.score = score
         scored = att.scores(query, work)
-        for new, was in ((scored.record, old),
-                         (scored.record.get("two_stage", {}), old.get("two_stage", {}))):
-            new.update({k: v for k, v in was.items() if k.startswith("seconds")})
+        if old is not None:
+            for new, was in ((scored.record, old),
+                             (scored.record.get("two_stage", {}), old.get("two_stage", {}))):
+                new.update({k: v for k, v in was.items() if k.startswith("seconds")})
         att.write(query, scored, out)
-        done.touch()
-    if not (table.exists() and record.exists()):
-        att.score = score
-        att.write(query, att.scores(query, work), out)
+        if old is not None:
+            done.touch()
     return read_scores(table), json.loads(record.read_text())
 
 
@@ -212,8 +211,10 @@ def main() -> None:
                 **({"samples": a.fisher_samples} if a.fisher_samples else {})}
     att = make_attributor("unlearning", run, manifest, train_set, settings, progress=False)
     exact_score = att.score
-    tables = [a.work / d / f"{q.key}.parquet" for q in queries for d in ["exact"] + [
-        f"k{k}-m{min(n, math.ceil(min(a.share) * n))}" for k in a.coarse]]
+    ms = sorted({min(n, math.ceil(s * n)) for s in a.share})
+    measured = ms[0]  # the one M each K's two-stage pass really runs; the others are derived
+    tables = [a.work / d / f"{q.key}.parquet" for q in queries
+              for d in ["exact"] + [f"k{k}-m{measured}" for k in a.coarse]]
     if a.tracks or a.baselines_only or a.rescore or not all(t.exists() for t in tables):
         captions = warm_captions(run, manifest, train_set[2])
         print(f"captions encoded in {captions:.0f} s (once per process)")
@@ -226,8 +227,6 @@ def main() -> None:
     if a.baselines_only:
         return
     i, parts = (int(x) for x in a.part.split("/"))
-    ms = sorted({min(n, math.ceil(s * n)) for s in a.share})
-    measured = ms[0]  # the one M each K's two-stage pass really runs; the others are derived
 
     def two_stage(q, k):
         return cached(att, q, a.work / f"k{k}-m{measured}", a.work / f"work-k{k}",
