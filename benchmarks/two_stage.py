@@ -121,8 +121,9 @@ def generated(run, manifest: pd.DataFrame, n: int, folder: Path) -> list[Path]:
 
 
 def warm_captions(run, manifest: pd.DataFrame, ids: list[str]) -> float:
-    """Encode every training caption once (the reference task caches them per process), so that
-    no timed pass pays for it; returns the seconds (a one-off of every process)."""
+    """Every training caption's encoding made ready (encoded, or read from the run's caption
+    folder), so that no timed pass pays for it; returns the seconds (a one-off of every
+    process)."""
     if not hasattr(run.task, "text_condition"):
         return 0.0
     captions = manifest.set_index("track_id").loc[ids, "caption"].tolist()
@@ -217,7 +218,7 @@ def main() -> None:
               for d in ["exact"] + [f"k{k}-m{measured}" for k in a.coarse]]
     if a.tracks or a.baselines_only or a.rescore or not all(t.exists() for t in tables):
         captions = warm_captions(run, manifest, train_set[2])
-        print(f"captions encoded in {captions:.0f} s (once per process)")
+        print(f"captions ready in {captions:.0f} s (once per process)")
     if a.tracks:
         for n_tracks in a.tracks:
             print(json.dumps(at_scale(att, train_set[1], train_set[2], queries[0], n_tracks,

@@ -88,3 +88,26 @@ def make_tiny_musicgen(folder: Path, sample_rate: int = 8000, channels: int = 1)
         decoder=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
                      num_codebooks=2 * channels, vocab_size=64, max_position_embeddings=256),
         channels=channels)
+
+
+def assert_a_reload_reads_the_captions_kept(path: Path, captions: list[str], text) -> None:
+    """A run loaded again reads, byte for byte, the caption encodings an earlier load of it made
+    and kept in its cache folder (`text(task, captions)`: the Task's conditioning of them)."""
+    import torch
+
+    from linernotes.run import load_run
+
+    first = load_run(path)
+    for part in first.task.captions.folder.glob("part-*.pt"):
+        part.unlink()
+    want = text(first.task, captions)
+    first.task.captions.save()
+    again = load_run(path)
+
+    def never(caption):
+        raise AssertionError(f"encoded {caption!r} again")
+
+    again.task.captions.encode = never
+    got = text(again.task, captions)
+    for w, g in zip(*(x if isinstance(x, tuple) else (x,) for x in (want, got)), strict=True):
+        assert w.dtype == g.dtype and torch.equal(w, g)

@@ -22,7 +22,7 @@ from linernotes.models.ar.tokens import Rvq
 from linernotes.training import TrainSettings
 from linernotes.unlearning.trainer import DEFAULT_METHODS
 
-from conftest import make_tone_corpus
+from conftest import assert_a_reload_reads_the_captions_kept, make_tone_corpus
 
 RECIPE = dict(seconds=2.0, clap_steps=4, codebooks=2, codebook_size=16, hidden=32, layers=2,
               heads=2)
@@ -55,6 +55,12 @@ def test_the_tokenizer_round_trip_is_exact_on_its_codes_and_close_on_frames():
     assert torch.equal(again.books, rvq.books)  # seeded: the same tokenizer
     with pytest.raises(LinernotesError, match="at least 64 training frames"):
         Rvq.fit(frames[:10], codebooks=1, size=64, iters=2, seed=0)
+
+
+def test_a_reloaded_run_reads_its_kept_caption_encodings(ar):
+    captions = list(dict.fromkeys(ar["manifest"]["caption"]))[:3]
+    assert_a_reload_reads_the_captions_kept(ar["run"].path, captions,
+                                            lambda task, c: task.text(c))
 
 
 def test_training_learns_the_tokens_and_attribution_finds_a_training_track(ar):

@@ -22,7 +22,7 @@ from linernotes.run import load_run
 from linernotes.task import draw_noise, loss_at_draws
 from linernotes.training import TrainSettings
 
-from conftest import make_tiny_musicgen, make_tone_corpus
+from conftest import assert_a_reload_reads_the_captions_kept, make_tiny_musicgen, make_tone_corpus
 
 FINETUNE = TrainSettings(steps=400, batch_size=4, lr=1e-2, warmup=5)
 
@@ -98,6 +98,12 @@ def test_per_sample_loss_is_the_models_own_loss_and_needs_no_draws(mg):
         # the draws are ignored: another timestep and noise give the same loss
         other = task.per_sample_loss(model, one, torch.rand(1), torch.randn(1, *task.latent_shape))
         assert torch.equal(other, alone)
+
+
+def test_a_reloaded_run_reads_its_kept_caption_encodings(mg):
+    captions = list(dict.fromkeys(mg["manifest"]["caption"]))[:3]
+    assert_a_reload_reads_the_captions_kept(mg["run"].path, captions,
+                                            lambda task, c: task.text(c))
 
 
 def test_stereo_musicgen_interleaves_left_and_right_codebooks(tmp_path):

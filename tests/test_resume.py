@@ -24,7 +24,8 @@ def tiny(tmp_path_factory):
 
 
 def _fresh_text_caches(task) -> None:
-    task._text_cache.clear()
+    task.captions.memory.clear()
+    task.captions.folder = None  # encoded here, not read from the run's cache folder
     task.clap.text._sentence.clear()
     task.clap.text._tokens.clear()
 

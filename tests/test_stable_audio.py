@@ -25,7 +25,7 @@ from linernotes.run import load_run
 from linernotes.training import TrainSettings
 from linernotes.unlearning.newton import UnlearnSettings
 
-from conftest import make_tiny_run
+from conftest import assert_a_reload_reads_the_captions_kept, make_tiny_run
 from tiny_stable_audio import make_gated_corpus, make_tiny_pipeline
 
 FINETUNE = TrainSettings(steps=300, batch_size=8, lr=3e-3, warmup=10, ema_decay=0.0,
@@ -73,6 +73,12 @@ def test_the_task_conditions_the_dit_as_the_pipeline_does(sa):
     assert torch.allclose(glob, torch.cat([start, end], dim=2), atol=1e-6)
     dropped, _ = task.condition(run.model, {**batch, "drop_cond": torch.ones(1, dtype=bool)})
     assert not dropped.any()  # the pipeline's unconditional branch: all tokens zero
+
+
+def test_a_reloaded_run_reads_its_kept_caption_encodings(sa):
+    captions = list(dict.fromkeys(sa["manifest"]["caption"]))[:3]
+    assert_a_reload_reads_the_captions_kept(sa["run"].path, captions,
+                                            lambda task, c: task.text(c))
 
 
 def test_a_planted_track_ranks_first_for_its_own_generations(sa):

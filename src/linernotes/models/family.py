@@ -24,8 +24,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from linernotes.artifacts import hash_json
 from linernotes.config import Settings
 from linernotes.errors import LinernotesError
+from linernotes.models.caption_cache import CaptionCache
 from linernotes.registry import Registry
 from linernotes.task import Task
 
@@ -96,6 +98,19 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def recipe_key(self) -> dict:
         """What retraining this model depends on besides its training settings."""
+
+    def caption_key(self) -> dict:
+        """What the Task's caption encodings depend on: its frozen text encoders (the recipe
+        key holds their fingerprints; a family whose encoder it does not hash adds it)."""
+        return self.recipe_key()
+
+    def keep_captions(self, cache_dir: Path) -> None:
+        """Keep the Task's caption encodings (a `CaptionCache` as `task.captions`) on disk under
+        `cache_dir`, in a folder keyed by `caption_key` and the torch version."""
+        captions = getattr(self.task, "captions", None)
+        if isinstance(captions, CaptionCache):
+            key = hash_json({**self.caption_key(), "torch": torch.__version__})[:16]
+            captions.keep_in(Path(cache_dir) / f"captions-{key}")
 
     @abc.abstractmethod
     def retrain(self, manifest: pd.DataFrame, folder: Path, settings, progress: bool = True

@@ -329,6 +329,9 @@ class ReferenceFamily(Family):
         return {"features": self.features.to_dict(), "model": self.config["model"],
                 "clap": self.config["clap_hash"]}
 
+    def caption_key(self) -> dict:
+        return {**self.recipe_key(), "text": self.clap.text.identity}  # the packaged MiniLM
+
     def retrain(self, manifest: pd.DataFrame, folder: Path, settings: TrainSettings,
                 progress: bool = True) -> Path:
         train(manifest, folder, settings, DenoiserConfig.from_dict(self.config["model"]["config"]),

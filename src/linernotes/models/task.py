@@ -15,7 +15,9 @@ from torch import nn
 
 from linernotes import device
 from linernotes.errors import LinernotesError
+from linernotes.models.caption_cache import CaptionCache
 from linernotes.models.schedule import add_noise, alpha_sigma, v_target
+from linernotes.models.text import TEXT_DIM
 from linernotes.task import PARAM_GROUPS, Task
 
 _GROUP_PATTERNS = {
@@ -35,38 +37,28 @@ class ReferenceTask(Task):
     def __init__(self, clap, n_frames: int, n_mels: int):
         self.clap = clap
         self.latent_shape = (n_frames, n_mels)
-        self._text_cache: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+        self.captions = CaptionCache(self._encode)
 
     def __deepcopy__(self, memo: dict) -> ReferenceTask:
         return self  # holds only frozen encoders and caches
 
     # ---------------------------------------------------------------- conditioning
 
-    @torch.no_grad()
     def text_condition(self, captions: Sequence[str], max_words: int) -> dict:
-        """CLAP text embeddings and MiniLM word features for captions (cached per caption).
+        """CLAP text embeddings and MiniLM word features (the first `max_words`) of captions
+        (encoded once: `CaptionCache`)."""
+        items = self.captions.get(captions)
+        words = torch.zeros(len(items), max_words, TEXT_DIM)
+        mask = torch.zeros(len(items), max_words, dtype=torch.bool)
+        for i, (_, tokens) in enumerate(items):
+            n = min(len(tokens), max_words)
+            words[i, :n], mask[i, :n] = tokens[:n], True
+        return {"clap": torch.stack([it[0] for it in items]), "words": words,
+                "words_mask": mask}
 
-        Cached tensors are made outside inference mode, so a cache filled while scoring under
-        `torch.inference_mode` still serves later gradient computations.
-        """
-        todo = [c for c in dict.fromkeys(captions) if (c, max_words) not in self._text_cache]
-        if todo:
-            self._fill_text_cache(todo, max_words)
-        items = [self._text_cache[(c, max_words)] for c in captions]
-        return {
-            "clap": torch.stack([it[0] for it in items]),
-            "words": torch.stack([it[1] for it in items]),
-            "words_mask": torch.stack([it[2] for it in items]),
-        }
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    @device.full_precision()
-    def _fill_text_cache(self, todo: list[str], max_words: int) -> None:
-        for c in todo:  # one at a time: a caption's condition must not depend on its batch
-            emb = self.clap.embed_text([c]).float().cpu()  # cached on the CPU, moved per batch
-            words, wmask = self.clap.text.tokens([c], max_words)
-            self._text_cache[(c, max_words)] = (emb[0], words[0], wmask[0])
+    def _encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLAP text embedding, every MiniLM token's features) of one caption."""
+        return self.clap.embed_text([caption])[0].float(), self.clap.text.tokens_of(caption)
 
     def condition(self, model: nn.Module, batch: dict) -> dict:
         """The conditioning dict the denoiser expects, for a Task batch (on the model's device)."""

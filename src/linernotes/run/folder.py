@@ -239,6 +239,7 @@ def load_run(path: str | Path, manifest: str | Path | pd.DataFrame | None = None
     if hash_json(body) != config.get("hash"):
         raise LinernotesError(f"{path / CONFIG} was edited or is corrupt; retrain the run.")
     family = family_class(config.get("family", DEFAULT_FAMILY)).load(path, config)
+    family.keep_captions(Layout(path).cache_dir)
     run = Run(path, config, family).to(device.current())
     if manifest is not None:
         run.check_manifest(manifest if isinstance(manifest, pd.DataFrame)

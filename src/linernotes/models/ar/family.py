@@ -36,6 +36,7 @@ from linernotes.data.features import FeatureStore
 from linernotes.data.manifest import manifest_hash
 from linernotes.errors import LinernotesError
 from linernotes.models.ar.tokens import Rvq, RvqCodes
+from linernotes.models.caption_cache import CaptionCache
 from linernotes.models.clap import ClapSettings, load_clap
 from linernotes.models.family import Family, register
 from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, vocode
@@ -136,19 +137,19 @@ class ArTask(DelayedCodesTask):
     def __init__(self, clap, n_frames: int, n_codebooks: int, codebook_size: int):
         super().__init__(n_frames, n_codebooks, codebook_size, codebook_size)
         self.clap = clap
-        self._text: dict[str, torch.Tensor] = {}
+        self.captions = CaptionCache(self._encode)
 
     def __deepcopy__(self, memo: dict) -> ArTask:
         return self  # holds only the frozen encoders and a cache
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
     def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        for c in dict.fromkeys(captions):
-            if c not in self._text:  # one at a time: never dependent on the batch
-                words, mask = self.clap.text.tokens([c], MAX_WORDS)
-                self._text[c] = words[0, : max(1, int(mask[0].sum()))].float().cpu()
-        return self.pad_states([self._text[c] for c in captions])
+        """MiniLM word features of captions (the first MAX_WORDS), zero-padded, and their
+        mask (encoded once: `CaptionCache`)."""
+        return self.pad_states([it[0] for it in self.captions.get(captions)])
+
+    def _encode(self, caption: str) -> tuple[torch.Tensor]:
+        tokens = self.clap.text.tokens_of(caption)[:MAX_WORDS]
+        return (tokens if len(tokens) else torch.zeros(1, tokens.shape[-1]),)
 
     def decoder_logits(self, model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
@@ -308,6 +309,9 @@ class ArFamily(Family):
     def recipe_key(self) -> dict:
         return {"features": self.features.to_dict(), "model": self.config["model"],
                 "clap": self.config["clap_hash"], "tokenizer": self.config["tokenizer_hash"]}
+
+    def caption_key(self) -> dict:
+        return {**self.recipe_key(), "text": self.clap.text.identity}  # the packaged MiniLM
 
     def retrain(self, manifest: pd.DataFrame, folder: Path, settings: TrainSettings,
                 progress: bool = True) -> Path:

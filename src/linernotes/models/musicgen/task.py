@@ -27,6 +27,7 @@ from torch import nn
 
 from linernotes import device
 from linernotes.errors import LinernotesError
+from linernotes.models.caption_cache import CaptionCache
 from linernotes.models.musicgen.codes import delayed
 from linernotes.task import PARAM_GROUPS, Task
 
@@ -149,25 +150,23 @@ class MusicgenTask(DelayedCodesTask):
                  start: int, max_words: int = 256):
         super().__init__(n_frames, n_codebooks, pad, start)
         self.text_encoder, self.tokenizer, self.max_words = text_encoder, tokenizer, max_words
-        self._text: dict[str, torch.Tensor] = {}
+        self.captions = CaptionCache(self._encode)
 
     def __deepcopy__(self, memo: dict) -> MusicgenTask:
         return self  # holds only the frozen text encoder and its cache
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    @device.full_precision()
     def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask."""
-        for caption in dict.fromkeys(captions):
-            if caption not in self._text:
-                tok = self.tokenizer([caption], return_tensors="pt", truncation=True,
-                                     max_length=self.max_words)
-                dev = device.of(self.text_encoder)
-                hidden = self.text_encoder(input_ids=tok.input_ids.to(dev),
-                                           attention_mask=tok.attention_mask.to(dev))[0]
-                self._text[caption] = hidden[0].float().cpu()
-        return self.pad_states([self._text[c] for c in captions])
+        """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask
+        (encoded once: `CaptionCache`)."""
+        return self.pad_states([it[0] for it in self.captions.get(captions)])
+
+    def _encode(self, caption: str) -> tuple[torch.Tensor]:
+        tok = self.tokenizer([caption], return_tensors="pt", truncation=True,
+                             max_length=self.max_words)
+        dev = device.of(self.text_encoder)
+        hidden = self.text_encoder(input_ids=tok.input_ids.to(dev),
+                                   attention_mask=tok.attention_mask.to(dev))[0]
+        return (hidden[0].float(),)
 
     def decoder_logits(self, model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:

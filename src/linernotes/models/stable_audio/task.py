@@ -27,6 +27,7 @@ from torch import nn
 
 from linernotes import device
 from linernotes.errors import LinernotesError
+from linernotes.models.caption_cache import CaptionCache
 from linernotes.task import PARAM_GROUPS, Task
 
 _GROUPS = {
@@ -57,7 +58,7 @@ class StableAudioTask(Task):
         self.latent_shape = (n_frames, channels)
         self.hop, self.sample_rate = hop, sample_rate
         self.fixed = set(fixed)  # never-trained parameters (the DiT's Fourier time features)
-        self._text: dict[str, torch.Tensor] = {}
+        self.captions = CaptionCache(self._encode)
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __deepcopy__(self, memo: dict) -> StableAudioTask:
@@ -65,23 +66,29 @@ class StableAudioTask(Task):
 
     # ---------------------------------------------------------------- conditioning
 
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    @device.full_precision()
     def text(self, captions: Sequence[str]) -> torch.Tensor:
-        """Projected T5 tokens (B, L, D) of captions, padded tokens zeroed; cached per caption
-        on the CPU (made outside inference mode, so scoring's cache serves gradients later)."""
-        for caption in dict.fromkeys(captions):
-            if caption not in self._text:
-                dev = device.of(self.text_encoder)
-                tok = self.tokenizer([caption], padding="max_length", truncation=True,
-                                     max_length=self.tokenizer.model_max_length,
-                                     return_tensors="pt")
-                ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
-                hidden = self.text_encoder(ids, attention_mask=mask)[0]
-                hidden = self.projection(text_hidden_states=hidden).text_hidden_states
-                self._text[caption] = (hidden * mask.unsqueeze(-1).to(hidden.dtype))[0].cpu()
-        return torch.stack([self._text[c] for c in captions])
+        """Projected T5 tokens (B, L, D) of captions, padded tokens zeroed (encoded once:
+        `CaptionCache`)."""
+        items = [it[0] for it in self.captions.get(captions)]
+        out = torch.zeros(len(items), self.tokenizer.model_max_length, items[0].shape[-1],
+                          dtype=items[0].dtype)
+        for i, tokens in enumerate(items):
+            out[i, : len(tokens)] = tokens
+        return out
+
+    def _encode(self, caption: str) -> tuple[torch.Tensor]:
+        """One caption's projected T5 tokens, only the real ones (the padding is zeros)."""
+        dev = device.of(self.text_encoder)
+        tok = self.tokenizer([caption], padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        ids, mask = tok.input_ids.to(dev), tok.attention_mask.to(dev)
+        hidden = self.text_encoder(ids, attention_mask=mask)[0]
+        hidden = self.projection(text_hidden_states=hidden).text_hidden_states
+        n = int(mask[0].sum())
+        if not bool(mask[0, :n].all()):
+            raise LinernotesError("The Stable Audio tokenizer pads on the left; linernotes "
+                                  "expects right padding (the pipeline's T5 tokenizer).")
+        return (hidden[0, :n],)
 
     def seconds(self, mask: torch.Tensor) -> torch.Tensor:
         """Each sample's real length in seconds (its real frames x hop / sample rate)."""
