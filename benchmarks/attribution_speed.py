@@ -67,13 +67,18 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=3)
     ap.add_argument("--tracks", type=int, default=0, help="score only the first N training "
                     "tracks (0: all)")
+    ap.add_argument("--fisher-samples", type=int, default=0,
+                    help="the Fisher from this many training tracks (0: all)")
+    ap.add_argument("--section", default="attribution-speed",
+                    help="the docs/benchmarks.md section to write")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     t_start = time.perf_counter()
     run = load_run(args.run)
     manifest = read_manifest(args.corpus)
     store, train, ids = run.train_set(manifest, progress=False)
-    fisher = run.fisher(manifest, FisherSettings(), progress=False)
+    fisher = run.fisher(manifest, FisherSettings(samples=args.fisher_samples), progress=False)
+    n_all = len(ids)
     if args.tracks and args.tracks < len(ids):
         train, ids = Subset(train, range(args.tracks)), ids[: args.tracks]
     unlearn = UnlearnSettings()
@@ -151,7 +156,16 @@ def main() -> None:
     per_query = table["s/query"].iloc[0] / table["s/query"].iloc[2]
     per_pass = table["track losses/s"].iloc[2] / table["track losses/s"].iloc[0]
     over_old = table["track losses/s"].iloc[2] / table["track losses/s"].iloc[1]
+    at_scale = ""
+    if len(ids) < n_all:  # per query over every training track, from the rates measured here
+        unl = table["unlearn s"].mean()
+        ours = unl + n_all * OLD.timesteps / table["track losses/s"].iloc[2]
+        naive = unl + 2 * n_all * OLD.timesteps / table["track losses/s"].iloc[0]
+        at_scale = (f"Over all {n_all} training tracks of this run, from these rates: "
+                    f"straightforward {naive:.0f} s per query, linernotes {ours:.0f} s "
+                    f"(**{naive / ours:.2f}×**; the baseline once per run, apart).")
     print(table.to_string(index=False))
+    print(at_scale)
     print(f"per query {per_query:.2f}x, per scoring pass {per_pass:.2f}x the straightforward; "
           f"{over_old:.2f}x the old defaults; reproducible {reproducible}; peaks "
           f"{peaks['float32'] / 1e9:.0f} / {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
@@ -160,13 +174,17 @@ def main() -> None:
         from bench_docs import write_section
 
         tracks = f" --tracks {args.tracks}" if args.tracks else ""
-        write_section("attribution-speed", f"""## Exact attribution speed (per query)
+        fisher = f" --fisher-samples {args.fisher_samples}" if args.fisher_samples else ""
+        section = f" --section {args.section}" if args.section != "attribution-speed" else ""
+        title = f", {n_all} training tracks" if section else ""
+        write_section(args.section, f"""## Exact attribution speed (per query){title}
 
 `OMP_NUM_THREADS=1 python benchmarks/attribution_speed.py --run {args.run} --corpus \
-{args.corpus} --queries {args.queries}{tracks}`; {dt.date.today()}, {platform.machine()},
-{torch.get_num_threads()} torch thread, {(time.perf_counter() - t_start) / 60:.0f} min.
-{len(ids)} training tracks × {OLD.timesteps} fixed timesteps (one "track loss" = one (track,
-timestep) evaluation, {flops / 1e9:.3f} GFLOP), {unlearn.draws} query-gradient draws.
+{args.corpus} --queries {args.queries}{tracks}{fisher}{section}`; {dt.date.today()},
+{platform.machine()}, {torch.get_num_threads()} torch thread,
+{(time.perf_counter() - t_start) / 60:.0f} min. {len(ids)} training tracks × {OLD.timesteps}
+fixed timesteps (one "track loss" = one (track, timestep) evaluation,
+{flops / 1e9:.3f} GFLOP), {unlearn.draws} query-gradient draws.
 Self-influence queries, so the mean self-rank checks that every implementation gives the right
 answer. *track losses/s*: one scoring pass alone; *% of peak*: its FLOP/s against this
 machine's one-thread 2048² matmul in the same precision ({peaks['float32'] / 1e9:.0f} GFLOP/s
@@ -180,6 +198,7 @@ linernotes is **{per_query:.2f}×** faster per query than the straightforward im
 (**{per_pass:.2f}×** per scoring pass, {over_old:.2f}× its own old defaults); its baseline (once
 per run and draw settings, shared by all queries) took {passes['linernotes']:.1f} s. Scores are
 bit-identical when a query is attributed twice: {reproducible}.
+{at_scale}
 """)
 
 

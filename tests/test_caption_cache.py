@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -93,6 +94,27 @@ def test_parts_written_while_encoding_are_merged_when_many(tmp_path, monkeypatch
     third = CaptionCache(_never)
     third.keep_in(tmp_path)
     assert len(third.get(captions)) == 6
+
+
+def test_a_dropped_cache_keeps_what_it_encoded(tmp_path):
+    cache = CaptionCache(lambda c: (torch.ones(3),))
+    cache.keep_in(tmp_path)
+    cache.get(["a tune"])
+    del cache  # e.g. a retrained run scored and let go before the process ends
+    gc.collect()
+    reader = CaptionCache(_never)
+    reader.keep_in(tmp_path)
+    assert torch.equal(reader.get(["a tune"])[0][0], torch.ones(3))
+
+
+def test_a_retrain_shares_its_runs_caption_folder(tiny):
+    from linernotes.run.retrain import Retrainer
+
+    run, manifest = tiny["run"], tiny["manifest"]
+    retrain = Retrainer(run, manifest)([manifest["track_id"][0]])
+    assert retrain.path.parent == run.retrains_dir
+    assert retrain.task.captions.folder == load_run(run.path).task.captions.folder
+    assert retrain.task.captions.folder.parent == (run.path / "cache").resolve()
 
 
 def test_a_folder_that_cannot_be_written_keeps_the_encodings_in_memory(tmp_path, capfd):

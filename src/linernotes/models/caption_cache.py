@@ -6,9 +6,10 @@ batch's padding and size change the last bits), in float32 outside autocast and 
 so an encoding never depends on when, or beside what, it was first made. Encoding one at a time
 is slow next to scoring: ~30 captions/s on one CPU thread for the reference model, 5 minutes for
 the 8,556 distinct captions of the whole music21 corpus, paid again by every process. So a run
-keeps them under `cache/captions-<key>/` (`Family.keep_captions`): each process writes the
-encodings it made as part files (every `SAVE_SECONDS` while encoding, and at exit), and every
-later process reads them instead of encoding. A killed process loses at most the encodings of
+keeps them under `cache/captions-<key>/` (`Family.keep_captions`; a retrain in its run's
+`retrains/` shares its run's): each process writes the encodings it made as part files (every
+`SAVE_SECONDS` while encoding, when the cache is dropped, and at exit), and every later process
+reads them instead of encoding. A killed process loses at most the encodings of
 its last `SAVE_SECONDS`; parts that cannot be read are dropped and encoded again; many parts are
 merged into one when read. Every process that shares the folder gets the same bytes.
 """
@@ -19,6 +20,7 @@ import atexit
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +36,14 @@ SAVE_SECONDS = 30.0
 #: merge the parts read when there are more than this many
 MERGE_FROM = 16
 FORMAT = "linernotes-captions-1"
+
+_KEPT: weakref.WeakSet[CaptionCache] = weakref.WeakSet()  # caches with a folder, saved at exit
+
+
+@atexit.register
+def _save_all() -> None:
+    for cache in list(_KEPT):
+        cache.save()
 
 
 def _read(path: Path) -> dict[str, Encoding]:
@@ -60,9 +70,14 @@ class CaptionCache:
 
     def keep_in(self, folder: str | Path) -> None:
         """Keep the encodings in `folder` too (read on the first caption not in memory)."""
-        if self.folder is None:
-            atexit.register(self.save)
         self.folder, self._read_disk = Path(folder), False
+        _KEPT.add(self)
+
+    def __del__(self) -> None:  # a run dropped before the process ends keeps what it made
+        try:
+            self.save()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
     def get(self, captions: Sequence[str]) -> list[Encoding]:
         """The encodings of `captions` (in order; repeats allowed)."""

@@ -219,6 +219,13 @@ def write_config(path: str | Path, family: str, entries: dict, meta: dict) -> di
     return config
 
 
+def _outermost_run(path: Path) -> Layout:
+    """The outermost run folder holding `path` (itself, or the run whose `retrains/` holds it):
+    its cache keeps the caption encodings every run in it shares."""
+    runs = [p for p in (path, *path.resolve().parents) if Layout(p).is_run]
+    return Layout(runs[-1])
+
+
 def load_run(path: str | Path, manifest: str | Path | pd.DataFrame | None = None) -> Run:
     """Load a finished run (its family's model and Task), checking its config and files.
 
@@ -239,7 +246,7 @@ def load_run(path: str | Path, manifest: str | Path | pd.DataFrame | None = None
     if hash_json(body) != config.get("hash"):
         raise LinernotesError(f"{path / CONFIG} was edited or is corrupt; retrain the run.")
     family = family_class(config.get("family", DEFAULT_FAMILY)).load(path, config)
-    family.keep_captions(Layout(path).cache_dir)
+    family.keep_captions(_outermost_run(path).cache_dir)
     run = Run(path, config, family).to(device.current())
     if manifest is not None:
         run.check_manifest(manifest if isinstance(manifest, pd.DataFrame)
