@@ -14,7 +14,7 @@ from linernotes.curvature import Fisher, FisherSettings, compute_fisher
 from linernotes.data.dataset import TrackDataset, collate, split_rows
 from linernotes.data.features import FeatureStore
 from linernotes.errors import LinernotesError
-from linernotes.task import draw_noise
+from linernotes.task import draw_noise, fixed_timesteps
 from linernotes.unlearning.newton import UnlearnSettings, unlearn_query
 
 from conftest import TINY_FEATURES
@@ -103,6 +103,10 @@ def test_two_stage_scores_the_first_stages_top_tracks_exactly(setup, tmp_path):
     assert FAST_SCORE.coarse().timesteps == 1 and FAST_SCORE.coarse().stride == 1000
     four = FAST_SCORE.replace(coarse_timesteps=4).coarse()
     assert (four.timesteps, four.stride, four.batch_size) == (4, 250, 6)
+    low = FAST_SCORE.replace(coarse_timesteps=2, coarse_span=0.45).coarse()
+    assert fixed_timesteps(low.timesteps, low.stride) == (0.112, 0.337)  # the lower 45%
+    with pytest.raises(LinernotesError, match="coarse_span"):
+        FAST_SCORE.replace(coarse_span=0.0)
     record = json.loads((tmp_path / "two" / f"{q.key}.json").read_text())
     assert record["two_stage"]["candidates"] == m
     # from an empty cache: only the first stage's baseline is made (not every track's exact

@@ -26,10 +26,10 @@ from linernotes.task import Task, draw_noise, fixed_timesteps, loss_at_draws
 SCORE_KINDS = ("log-ratio", "delta")
 #: two-stage scoring by default from this many training tracks, the second stage scoring the
 #: larger of AUTO_MIN_CANDIDATES and AUTO_CANDIDATE_SHARE of them. On the whole music21 corpus
-#: (13,355 tracks, 5 clips; docs/benchmarks.md, two-stage section) 3% recovered exact
-#: attribution's top 10 on every clip and its top 100 at 0.976 (0.92 at worst), 9.5x faster
-#: than exact; 2% fell to 0.83 on one clip, 5% kept >= 0.99 at 6.8x. 400 (4x the top 100) for
-#: sets just above the threshold
+#: (13,355 tracks, 12 clips; docs/benchmarks.md, two-stage section) 3% recovered exact
+#: attribution's top 10 at 0.983 (0.9 at worst) and its top 100 at 0.944 (0.78 at worst), 8.6x
+#: faster than exact; 2% recovered 0.88 of the top 100 at 10.5x, 5% 0.987 at 6.3x. 400 (4x the
+#: top 100) for sets just above the threshold
 TWO_STAGE_FROM = 5000
 AUTO_MIN_CANDIDATES = 400
 AUTO_CANDIDATE_SHARE = 0.03
@@ -83,6 +83,11 @@ class ScoreSettings(Settings):
     # quarter of the first stage's cost (docs/benchmarks.md, two-stage section)
     coarse_timesteps: int = setting(1, "Timesteps of the first stage of two-stage scoring "
                                     "(spread over the schedule).")
+    # 1: a single first-stage timestep at t = 0.225 (span 0.45; the best single timestep on
+    # the clip t = 0.5 served worst) gave the same mean recall over 5 clips, better on one,
+    # worse on two (docs/benchmarks.md, full-corpus section)
+    coarse_span: float = setting(1.0, "The share of the schedule (from t = 0) the first "
+                                 "stage's timesteps are spread over.")
     exact: bool = setting(False, "Score every track at every timestep, however large the "
                           "training set (no first stage).")
 
@@ -96,6 +101,8 @@ class ScoreSettings(Settings):
                 "batch and shard sizes must be >= 1.")
         require(self.candidates >= 0, "candidates must be >= 0 (0: automatic).")
         require(1 <= self.coarse_timesteps <= 1000, "coarse_timesteps must be in 1..1000.")
+        require(0 < self.coarse_span <= 1 and self.coarse_span * 1000 >= self.coarse_timesteps,
+                "coarse_span must be in (0, 1], with room for coarse_timesteps.")
 
     def candidates_for(self, n: int) -> int:
         """How many of `n` training tracks the second stage scores (n: one stage, exact).
@@ -111,11 +118,12 @@ class ScoreSettings(Settings):
         return min(n, max(AUTO_MIN_CANDIDATES, math.ceil(AUTO_CANDIDATE_SHARE * n)))
 
     def coarse(self) -> ScoreSettings:
-        """The first stage of two-stage scoring: `coarse_timesteps` spread over the schedule, as
-        many rows per forward as here (more tracks per batch: at 4 tracks x 1 timestep a pass ran
-        at 0.6x the losses/s of 4 x 20 on the whole-corpus model), the rest as here."""
+        """The first stage of two-stage scoring: `coarse_timesteps` spread over the first
+        `coarse_span` of the schedule, as many rows per forward as here (more tracks per batch:
+        at 4 tracks x 1 timestep a pass ran at 0.6x the losses/s of 4 x 20 on the whole-corpus
+        model), the rest as here."""
         k = self.coarse_timesteps
-        return self.replace(timesteps=k, stride=1000 // k, exact=True,
+        return self.replace(timesteps=k, stride=round(1000 * self.coarse_span) // k, exact=True,
                             batch_size=max(1, self.batch_size * self.timesteps // k))
 
     def on(self, task: Task, model: nn.Module) -> ScoreSettings:

@@ -76,7 +76,7 @@ def methods(
 @with_settings(UNLEARN_OPTIONS,
                Options("score", ScoreSettings, ("mask_train", "timesteps", "stride", "kind",
                                                 "precision", "candidates", "coarse_timesteps",
-                                                "exact"),
+                                                "coarse_span", "exact"),
                        {"kind": "score-kind"}))
 def attribute(
     queries: list[str] = typer.Argument(..., help="Clips (.wav with sidecar), audio files "
