@@ -80,7 +80,7 @@ class ScoreSettings(Settings):
                               "then only this many top tracks at every timestep (0: automatic, "
                               f"two stages from {TWO_STAGE_FROM:,} training tracks).")
     # 1 (t = 0.5): the same recall as 2 and 4 on the whole music21 corpus, at half and a
-    # quarter of the first stage's cost (docs/benchmarks.md, two-stage section)
+    # quarter of the first stage's cost (docs/benchmarks.md, full-corpus section)
     coarse_timesteps: int = setting(1, "Timesteps of the first stage of two-stage scoring "
                                     "(spread over the schedule).")
     # 1: a single first-stage timestep at t = 0.225 (span 0.45; the best single timestep on
