@@ -115,6 +115,12 @@ def test_a_retrain_shares_its_runs_caption_folder(tiny):
     assert retrain.path.parent == run.retrains_dir
     assert retrain.task.captions.folder == load_run(run.path).task.captions.folder
     assert retrain.task.captions.folder.parent == (run.path / "cache").resolve()
+    # a folder above a run that merely has a config.json (a model folder, say) is never used
+    (run.path.parent / "config.json").write_text("{}")
+    try:
+        assert load_run(run.path).task.captions.folder.parent == (run.path / "cache").resolve()
+    finally:
+        (run.path.parent / "config.json").unlink()
 
 
 def test_a_folder_that_cannot_be_written_keeps_the_encodings_in_memory(tmp_path, capfd):

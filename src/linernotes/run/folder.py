@@ -220,10 +220,17 @@ def write_config(path: str | Path, family: str, entries: dict, meta: dict) -> di
 
 
 def _outermost_run(path: Path) -> Layout:
-    """The outermost run folder holding `path` (itself, or the run whose `retrains/` holds it):
-    its cache keeps the caption encodings every run in it shares."""
-    runs = [p for p in (path, *path.resolve().parents) if Layout(p).is_run]
-    return Layout(runs[-1])
+    """The run whose cache keeps `path`'s caption encodings: itself, or for a retrain in a run's
+    `retrains/`, that run's (and so on up): a run and its retrains share them. Only that
+    layout is followed, so nothing is written into unrelated folders above a run."""
+    here = Layout(Path(path).resolve())
+    while True:
+        up = Layout(here.path.parent.parent)
+        if up.retrains_dir != here.path.parent or not up.is_run:
+            return here
+        if read_json(up.config_path).get("kind") != KIND:
+            return here
+        here = up
 
 
 def load_run(path: str | Path, manifest: str | Path | pd.DataFrame | None = None) -> Run:
