@@ -123,12 +123,9 @@ class CaptionCache:
     def _load(self) -> None:
         """Read every part in the folder (the bad ones deleted), and merge them when many."""
         self._read_disk = True
-        parts = sorted(self.folder.glob("part-*.pt"))
         read: list[Path] = []
-        for part in parts:
-            if not part.exists():  # merged away by another process meanwhile
-                continue
-            entries = load_cached(part, _read)
+        for part in sorted(self.folder.glob("part-*.pt")):
+            entries = load_cached(part, _read)  # None also for a part merged away meanwhile
             if entries is None:
                 part.unlink(missing_ok=True)
                 continue

@@ -1,6 +1,6 @@
 """Frozen sentence encoder (all-MiniLM-L6-v2, shipped as a Python package): never touches the net.
 
-Gives sentence embeddings (B, 384) and token-level features (B, L, 384) with a mask, cached per
+Gives sentence embeddings (B, 384) and each caption's token-level features (n, 384), cached per
 caption string (captions repeat a lot in a corpus). Each caption is encoded alone, so its features
 do not depend on which captions were encoded with it (a batch's padding and size change the last
 bits): a resumed run equals an uninterrupted one. At the demo's size that costs 1.17x batched.
@@ -48,7 +48,7 @@ def _load_sentence_transformer(path: str | None):
 
 
 class TextEncoder:
-    """Frozen MiniLM: `sentence(captions)` (B, 384) and `tokens(captions, max_tokens)`.
+    """Frozen MiniLM: `sentence(captions)` (B, 384) and `tokens_of(caption)` (n, 384).
 
     Results are cached per caption; the model is loaded lazily on first use.
     """
@@ -106,19 +106,6 @@ class TextEncoder:
         """Every token's features (n, 384) of one caption, uncut."""
         self._encode([caption])
         return self._tokens[caption]
-
-    def tokens(
-        self, captions: list[str], max_tokens: int = 32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features (B, max_tokens, 384) zero-padded/cut, and their mask (B, max_tokens)."""
-        self._encode(captions)
-        out = torch.zeros(len(captions), max_tokens, TEXT_DIM)
-        mask = torch.zeros(len(captions), max_tokens, dtype=torch.bool)
-        for i, cap in enumerate(captions):
-            tok = self._tokens[cap][:max_tokens]
-            out[i, : len(tok)] = tok
-            mask[i, : len(tok)] = True
-        return out, mask
 
 
 def get_text_encoder(model_path: str | None = None) -> TextEncoder:

@@ -226,9 +226,8 @@ def _outermost_run(path: Path) -> Layout:
     here = Layout(Path(path).resolve())
     while True:
         up = Layout(here.path.parent.parent)
-        if up.retrains_dir != here.path.parent or not up.is_run:
-            return here
-        if read_json(up.config_path).get("kind") != KIND:
+        if (up.retrains_dir != here.path.parent or not up.is_run
+                or read_json(up.config_path).get("kind") != KIND):
             return here
         here = up
 

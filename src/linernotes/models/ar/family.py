@@ -42,6 +42,7 @@ from linernotes.models.family import Family, register
 from linernotes.models.mel import FeatureSettings, FeatureStats, audio_to_db, vocode
 from linernotes.models.musicgen.task import DelayedCodesTask
 from linernotes.models.reference import CLAP_DIR, ReferenceRecipe, _copy_clap, _open, train_clap
+from linernotes.models.text import TEXT_DIM  # MiniLM word features
 from linernotes.run.folder import CONFIG, Layout, Run, load_run, write_config
 from linernotes.training import (
     CHECKPOINT,
@@ -55,7 +56,6 @@ from linernotes.training import (
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.safetensors"
-TEXT_DIM = 384  # MiniLM word features
 MAX_WORDS = 32
 
 
@@ -142,12 +142,8 @@ class ArTask(DelayedCodesTask):
     def __deepcopy__(self, memo: dict) -> ArTask:
         return self  # holds only the frozen encoders and a cache
 
-    def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """MiniLM word features of captions (the first MAX_WORDS), zero-padded, and their
-        mask (encoded once: `CaptionCache`)."""
-        return self.pad_states([it[0] for it in self.captions.get(captions)])
-
     def _encode(self, caption: str) -> tuple[torch.Tensor]:
+        """One caption's MiniLM word features, the first MAX_WORDS (one zero row if none)."""
         tokens = self.clap.text.tokens_of(caption)[:MAX_WORDS]
         return (tokens if len(tokens) else torch.zeros(1, tokens.shape[-1]),)
 

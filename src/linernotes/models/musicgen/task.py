@@ -63,8 +63,9 @@ class DelayedCodesTask(Task):
         self.pad, self.start = pad, start
 
     def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text states (B, L, D) of captions, zero-padded to the longest, and their mask."""
-        raise NotImplementedError
+        """Text states (B, L, D) of captions, zero-padded to the longest, and their mask (a
+        subclass keeps `captions`, a `CaptionCache` of one caption's (L, D) states)."""
+        return self.pad_states([it[0] for it in self.captions.get(captions)])
 
     def decoder_logits(self, model: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
@@ -155,12 +156,8 @@ class MusicgenTask(DelayedCodesTask):
     def __deepcopy__(self, memo: dict) -> MusicgenTask:
         return self  # holds only the frozen text encoder and its cache
 
-    def text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 states (B, L, D) of captions, padded with zeros to the longest, and their mask
-        (encoded once: `CaptionCache`)."""
-        return self.pad_states([it[0] for it in self.captions.get(captions)])
-
     def _encode(self, caption: str) -> tuple[torch.Tensor]:
+        """One caption's T5 states (L, D)."""
         tok = self.tokenizer([caption], return_tensors="pt", truncation=True,
                              max_length=self.max_words)
         dev = device.of(self.text_encoder)
